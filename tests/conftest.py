@@ -1,0 +1,20 @@
+"""Shared fixtures. Settings come from code, never from the developer's environment."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from delegation.clock import FrozenClock
+
+for _name in [n for n in os.environ if n.startswith("BEHALF_")]:
+    if not _name.startswith("BEHALF_TEST_"):
+        del os.environ[_name]
+
+pytest_plugins = ["tests.support.databases", "tests.support.kms"]
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock()

@@ -1,0 +1,5 @@
+"""The runtime: Celery app factory, `@agent_job` and the job context, the runner, thin tasks and
+the revocation listener.
+
+May import `models` and `delegation`; never `scheduler`, `api` or `behalf`.
+"""
