@@ -229,6 +229,16 @@ class AuditEvent(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
 
+class AuditHead(Base):
+    """The latest (seq, hash) of one chain; locked while appending to that chain."""
+
+    __tablename__ = "audit_heads"
+
+    chain: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
 class AuditCheckpoint(Base):
     """A signed digest of every chain head at one moment (tamper evidence across deletions)."""
 

@@ -1,0 +1,105 @@
+"""Wire the runtime pieces (token source, runner, Celery app) from `Deps`."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import httpx
+from celery import Celery
+
+from behalf.deps import Deps
+from delegation.oauth import OAuthClient
+from delegation.store import AgentDirectory, DelegationStore
+from delegation.token_source import TokenSource
+from worker.celery_app import RunnerHolder, create_celery
+from worker.jobs import load_job_modules, registry
+from worker.runner import Runner, RunnerConfig
+
+
+def redis_client(deps: Deps) -> Any:
+    """The process's Redis: real, or the in-process stand-in shared by every part in dev."""
+    client = deps.extras.get("redis")
+    if client is None:
+        url = deps.settings.redis_url
+        if url == "memory://":
+            import fakeredis
+
+            server = deps.extras.setdefault("fakeredis_server", fakeredis.FakeServer())
+            client = fakeredis.FakeRedis(server=server)
+        else:
+            import redis
+
+            client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
+                                          health_check_interval=30)
+        deps.extras["redis"] = client
+    return client
+
+
+def oauth_http(deps: Deps) -> httpx.Client:
+    client = deps.extras.get("oauth_http")
+    if client is None:
+        transport = deps.extras.get("oauth_transport")
+        client = httpx.Client(timeout=httpx.Timeout(10.0, connect=5.0), transport=transport,
+                              follow_redirects=False)
+        deps.extras["oauth_http"] = client
+    return client
+
+
+def oauth_client(deps: Deps) -> OAuthClient:
+    return OAuthClient(oauth_http(deps), deps.clock)
+
+
+def token_source(deps: Deps) -> TokenSource:
+    source = deps.extras.get("token_source")
+    if source is None:
+        source = TokenSource(
+            store=DelegationStore(deps.sessions, deps.vault, deps.clock),
+            agents=agent_directory(deps),
+            oauth=oauth_client(deps),
+            redis=redis_client(deps),
+            clock=deps.clock,
+            minimum_skew=deps.settings.refresh_skew_seconds,
+        )
+        deps.extras["token_source"] = source
+    return source
+
+
+def agent_directory(deps: Deps) -> AgentDirectory:
+    directory = deps.extras.get("agents")
+    if directory is None:
+        directory = AgentDirectory(deps.sessions, deps.vault, monotonic=deps.clock.monotonic)
+        deps.extras["agents"] = directory
+    return directory
+
+
+def build_runner(deps: Deps) -> Runner:
+    load_job_modules(deps.settings.jobs_modules)
+    return Runner(
+        sessions=deps.sessions,
+        tokens=token_source(deps),
+        agents=agent_directory(deps),
+        jobs=registry,
+        clock=deps.clock,
+        config=RunnerConfig(worker_id=f"{socket.gethostname()}:{os.getpid()}"),
+        transport=deps.extras.get("api_transport"),
+    )
+
+
+def celery_app(deps: Deps, *, with_runner: bool = False) -> Celery:
+    """The Celery app; with a runner (built per worker process, after fork) when asked."""
+    key = "celery_worker" if with_runner else "celery"
+    app = deps.extras.get(key)
+    if app is None:
+        holder = None
+        if with_runner:
+            settings = deps.settings
+
+            def factory() -> Runner:
+                return build_runner(Deps.from_settings(settings))
+
+            holder = RunnerHolder(factory)
+        app = create_celery(deps.settings.broker_url, runner=holder)
+        deps.extras[key] = app
+    return app
