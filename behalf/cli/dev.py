@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 import uvicorn
 
-from api.app import create_app
 from behalf.cli.common import AppContext, pass_app
 from behalf.deps import Deps
+from behalf.web import build_api
 from models import migrate as migrations
 
 STATE_DIR = Path(".behalf")
@@ -47,7 +47,7 @@ def dev(app: AppContext, host: str, port: int, reset: bool) -> None:
         )
     )
     try:
-        uvicorn.run(create_app(sessions=deps.sessions), host=host, port=port,
+        uvicorn.run(build_api(deps), host=host, port=port,
                     log_level="warning")
     finally:
         deps.close()

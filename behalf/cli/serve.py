@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 import uvicorn
 
-from api.app import create_app
 from behalf.cli.common import AppContext, pass_app
+from behalf.web import build_api
 
 
 @click.command()
@@ -16,5 +16,5 @@ from behalf.cli.common import AppContext, pass_app
 def api(app: AppContext, host: str, port: int) -> None:
     """Serve the HTTP app (pages, JSON API, health, metrics)."""
     deps = app.deps
-    uvicorn.run(create_app(sessions=deps.sessions), host=host, port=port,
+    uvicorn.run(build_api(deps), host=host, port=port,
                 log_level=deps.settings.log_level.lower())

@@ -1,0 +1,86 @@
+"""The one revoke path (the user's grants page, the operator CLI, the provider side).
+
+In one transaction the delegation becomes `revoked` (version bumped, so any refresh in flight
+loses its compare-and-set), its queued runs are cancelled, and outbox entries ask for (1) a
+stop push to running work and (2) revocation at the AS followed by crypto-shredding. The call
+returns after the commit: from then on the token source refuses the delegation, whatever
+happens to the push.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from delegation import audit, outbox
+from delegation.clock import Clock
+from models import Agent, Delegation, DelegationStatus, JobRun, RunStatus, User
+
+STOP_TOPIC = "delegation.stop"
+REVOKE_AT_PROVIDER_TOPIC = "delegation.revoke_at_provider"
+
+
+@dataclass(frozen=True)
+class Revoked:
+    delegation_id: uuid.UUID
+    version: int
+    already: bool
+    runs_cancelled: int
+
+
+class NotFound(LookupError):
+    """No such delegation (or not the caller's: the API answers 404 either way)."""
+
+
+def revoke(
+    sessions: sessionmaker[Session],
+    clock: Clock,
+    delegation_id: uuid.UUID,
+    *,
+    actor_type: str,
+    actor: str,
+    owner_user_id: uuid.UUID | None = None,
+) -> Revoked:
+    """Revoke `delegation_id`. With `owner_user_id`, only that user's delegation is touched.
+
+    Idempotent: revoking a revoked delegation changes nothing and says so.
+    """
+    now = clock.now()
+    with sessions.begin() as session:
+        row = session.get(Delegation, delegation_id, with_for_update=True)
+        if row is None or (owner_user_id is not None and row.user_id != owner_user_id):
+            raise NotFound(f"no delegation {delegation_id}")
+        if row.status == DelegationStatus.REVOKED:
+            return Revoked(row.id, row.version, True, 0)
+        previous = row.status
+        row.status = DelegationStatus.REVOKED.value
+        row.status_reason = f"revoked by {actor_type}"
+        row.revoked_at = now
+        row.version += 1
+        row.updated_at = now
+        cancelled = cast(CursorResult[Any], session.execute(
+            update(JobRun)
+            .where(JobRun.delegation_id == row.id,
+                   JobRun.status.in_([RunStatus.QUEUED.value, RunStatus.PARKED.value]))
+            .values(status=RunStatus.CANCELLED.value, reason="delegation_revoked",
+                    finished_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )).rowcount
+        user = session.get(User, row.user_id)
+        agent = session.get(Agent, row.agent_id)
+        audit.append(session, audit.AuditRecord(
+            action="delegation:revoked", actor_type=actor_type, actor=actor,
+            user_id=row.user_id, user_subject=user.subject if user else None,
+            agent_name=agent.name if agent else None,
+            client_id=agent.client_id if agent else None, delegation_id=row.id,
+            detail={"previous_status": previous, "queued_runs_cancelled": cancelled},
+        ), now)
+        outbox.add(session, STOP_TOPIC, {"delegation_id": str(row.id),
+                                         "reason": "delegation_revoked"}, now)
+        outbox.add(session, REVOKE_AT_PROVIDER_TOPIC, {"delegation_id": str(row.id)}, now,
+                   dedupe_key=f"{REVOKE_AT_PROVIDER_TOPIC}:{row.id}:{row.version}")
+        return Revoked(row.id, row.version, False, int(cancelled))
