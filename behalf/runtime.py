@@ -13,8 +13,9 @@ from behalf.deps import Deps
 from delegation.oauth import OAuthClient
 from delegation.store import AgentDirectory, DelegationStore
 from delegation.token_source import TokenSource
-from worker.celery_app import RunnerHolder, create_celery
+from worker.celery_app import QUEUE, RunnerHolder, create_celery
 from worker.jobs import load_job_modules, registry
+from worker.listener import RevocationListener
 from worker.runner import Runner, RunnerConfig
 
 
@@ -87,8 +88,19 @@ def build_runner(deps: Deps) -> Runner:
     )
 
 
-def celery_app(deps: Deps, *, with_runner: bool = False) -> Celery:
-    """The Celery app; with a runner (built per worker process, after fork) when asked."""
+def start_runtime(deps: Deps) -> Runner:
+    """A runner plus its revocation listener, for the process that executes jobs."""
+    runner = build_runner(deps)
+    listener = RevocationListener(redis_factory=lambda: redis_client(deps),
+                                  sessions=deps.sessions, active=runner.active)
+    listener.start()
+    deps.extras["listener"] = listener
+    return runner
+
+
+def celery_app(deps: Deps, *, with_runner: bool = False, share_deps: bool = False) -> Celery:
+    """The Celery app. With a runner, it is built in each worker process after the pool forks
+    (fresh connections), or from these very deps with `share_deps` (in-process dev mode)."""
     key = "celery_worker" if with_runner else "celery"
     app = deps.extras.get(key)
     if app is None:
@@ -97,9 +109,30 @@ def celery_app(deps: Deps, *, with_runner: bool = False) -> Celery:
             settings = deps.settings
 
             def factory() -> Runner:
-                return build_runner(Deps.from_settings(settings))
+                return start_runtime(deps if share_deps else Deps.from_settings(settings))
 
             holder = RunnerHolder(factory)
+            deps.extras["runner_holder"] = holder
         app = create_celery(deps.settings.broker_url, runner=holder)
         deps.extras[key] = app
     return app
+
+
+def run_worker(deps: Deps, *, concurrency: int, pool: str = "prefork") -> None:
+    """Start a Celery worker whose processes each build their runtime after the fork."""
+    from celery.signals import worker_process_init
+
+    app = celery_app(deps, with_runner=True)
+    holder: RunnerHolder = deps.extras["runner_holder"]
+
+    @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _init_child(**_: Any) -> None:
+        holder.reset()
+        holder.get()
+
+    if pool != "prefork":
+        holder.get()
+    worker = app.Worker(concurrency=concurrency, pool=pool, queues=[QUEUE],
+                        loglevel=deps.settings.log_level, without_heartbeat=True,
+                        without_mingle=True, without_gossip=True)
+    worker.start()

@@ -26,13 +26,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from authlib.common.urls import url_decode
-from authlib.jose import JsonWebKey, jwt
-from authlib.jose.errors import JoseError
 from authlib.oauth2.auth import ClientAuth
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_request
 from authlib.oauth2.rfc7523 import PrivateKeyJWT
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
-from authlib.oidc.core import CodeIDToken
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet, RSAKey
 
 from delegation.clock import Clock
 from delegation.errors import (
@@ -46,6 +46,7 @@ from delegation.tokens import ClientCredentials, TokenSet
 RETRYABLE_OAUTH_ERRORS = {"temporarily_unavailable", "server_error", "slow_down"}
 CLIENT_ERRORS = {"invalid_client", "unauthorized_client"}
 MAX_RETRY_AFTER = 300.0
+ID_TOKEN_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
 
 
 @dataclass(frozen=True)
@@ -93,17 +94,15 @@ def new_verifier() -> str:
 
 def new_private_jwk() -> dict[str, Any]:
     """An RSA key for `private_key_jwt`, with a key id, as a private JWK dict."""
-    key = JsonWebKey.generate_key("RSA", 2048, is_private=True)
-    doc: dict[str, Any] = key.as_dict(is_private=True)
-    doc["kid"] = key.thumbprint()
-    doc["alg"] = "RS256"
-    doc["use"] = "sig"
+    key = RSAKey.generate_key(2048, private=True)
+    doc: dict[str, Any] = dict(key.as_dict(private=True))
+    doc.update({"kid": key.thumbprint(), "alg": "RS256", "use": "sig"})
     return doc
 
 
 def public_jwk(private: dict[str, Any]) -> dict[str, Any]:
-    key = JsonWebKey.import_key(private)
-    doc: dict[str, Any] = key.as_dict(is_private=False)
+    key = RSAKey.import_key(private)
+    doc: dict[str, Any] = dict(key.as_dict(private=False))
     doc.update({"kid": private["kid"], "alg": private.get("alg", "RS256"), "use": "sig"})
     return doc
 
@@ -310,20 +309,27 @@ class OAuthClient:
         if response.status_code != 200:
             raise ProviderUnavailable(f"jwks_uri answered {response.status_code}")
         try:
-            keys = JsonWebKey.import_key_set(response.json())
-            claims = jwt.decode(
-                id_token,
-                keys,
-                claims_cls=CodeIDToken,
-                claims_options={
-                    "iss": {"essential": True, "value": endpoints.issuer},
-                    "aud": {"essential": True, "value": client_id},
-                },
-                claims_params={"nonce": nonce, "client_id": client_id},
+            keys = KeySet.import_key_set(response.json())
+            token = jwt.decode(id_token, keys, algorithms=ID_TOKEN_ALGORITHMS)
+            claims = dict(token.claims)
+            registry = jwt.JWTClaimsRegistry(
+                now=int(self._clock.now().timestamp()),
+                leeway=60,
+                iss={"essential": True, "value": endpoints.issuer},
+                aud={"essential": True, "value": client_id},
+                sub={"essential": True},
+                exp={"essential": True},
+                iat={"essential": True},
             )
-            claims.validate(now=int(self._clock.now().timestamp()), leeway=60)
-        except (JoseError, ValueError) as exc:
-            raise ProviderError(f"ID token rejected: {exc}") from None
+            registry.validate(claims)
+        except (JoseError, ValueError, KeyError, TypeError) as exc:
+            raise ProviderError(f"ID token rejected: {type(exc).__name__}: {exc}") from None
+        if nonce is not None and claims.get("nonce") != nonce:
+            raise ProviderError("ID token rejected: nonce does not match this request")
+        azp = claims.get("azp")
+        audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+        if len(audiences) > 1 and azp != client_id:
+            raise ProviderError("ID token rejected: several audiences and azp is not ours")
         return dict(claims)
 
     def userinfo(self, endpoints: Endpoints, access_token: str) -> dict[str, Any]:
@@ -389,7 +395,7 @@ def client_auth(credentials: ClientCredentials, endpoints: Endpoints) -> ClientA
     if credentials.auth_method == "private_key_jwt":
         if credentials.private_jwk is None:
             raise AgentMisconfigured("private_key_jwt client has no private key")
-        key = JsonWebKey.import_key(credentials.private_jwk)
+        key = RSAKey.import_key(credentials.private_jwk)
         # aud is the token endpoint (RFC 7523 section 3); a fresh jti and exp per request
         kid = str(credentials.private_jwk.get("kid", ""))
         signer = PrivateKeyJWT(endpoints.token_endpoint, headers={"kid": kid})

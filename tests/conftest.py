@@ -12,7 +12,11 @@ for _name in [n for n in os.environ if n.startswith("BEHALF_")]:
     if not _name.startswith("BEHALF_TEST_"):
         del os.environ[_name]
 
-pytest_plugins = ["tests.support.databases", "tests.support.kms"]
+pytest_plugins = [
+    "tests.support.databases",
+    "tests.support.kms",
+    "tests.support.oidc_fixtures",
+]
 
 
 @pytest.fixture

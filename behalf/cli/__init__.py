@@ -9,7 +9,8 @@ import click
 from behalf.cli.admin import keys, migrate
 from behalf.cli.common import AppContext
 from behalf.cli.dev import dev
-from behalf.cli.serve import api
+from behalf.cli.runs import run, runs
+from behalf.cli.serve import api, worker
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,6 +25,9 @@ cli.add_command(migrate)
 cli.add_command(keys)
 cli.add_command(api)
 cli.add_command(dev)
+cli.add_command(worker)
+cli.add_command(run)
+cli.add_command(runs)
 
 
 def main(args: list[str] | None = None) -> int:
