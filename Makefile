@@ -15,6 +15,13 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# checkov (terraform security scan) pins its own dependencies: it gets a venv of its own.
+CHECKOV := .venv-checkov/bin/checkov
+$(CHECKOV):
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/pip install --quiet --upgrade pip
+	.venv-checkov/bin/pip install --quiet 'checkov>=3.2,<4'
+
 dev: $(STAMP)
 	$(BIN)/behalf dev
 
@@ -34,7 +41,7 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit -q
 
-test: $(STAMP) system-deps lint
+test: $(STAMP) $(CHECKOV) system-deps lint
 	$(BIN)/pytest -q
 
 clean:

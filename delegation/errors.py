@@ -3,7 +3,8 @@
     BehalfError
     ├── RetryableError (retry_after)        try again later, nothing was changed
     │   ├── KmsUnavailable                  KMS throttled, down or timed out
-    │   └── ProviderUnavailable             AS/API 5xx, 429, timeout, temporarily_unavailable
+    │   ├── ProviderUnavailable             AS/API 5xx, 429, timeout, temporarily_unavailable
+    │   └── BudgetExhausted                 our own per-provider/agent rate budget is spent
     ├── VaultError
     │   ├── SealedDataInvalid               tampered, truncated or moved ciphertext
     │   ├── KeyDestroyed                    crypto-shredded: gone for good
@@ -37,7 +38,13 @@ class KmsUnavailable(RetryableError):
 
 
 class ProviderUnavailable(RetryableError):
-    pass
+    """`unanswered` is True when the request may have been processed but no answer came back
+    (a timeout or dropped connection after sending), as opposed to an explicit 5xx/429."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None,
+                 unanswered: bool = False) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.unanswered = unanswered
 
 
 class VaultError(BehalfError):

@@ -173,14 +173,19 @@ class OAuthClient:
         redirect_uris: list[str],
         scopes: list[str],
         auth_method: str,
+        grant_types: list[str] | None = None,
     ) -> tuple[ClientCredentials, dict[str, Any]]:
-        """RFC 7591 dynamic registration as a confidential client; returns the credentials."""
+        """RFC 7591 dynamic registration as a confidential client; returns the credentials.
+
+        `grant_types` defaults to authorization_code + refresh_token (an agent); a sign-in
+        client asks for authorization_code alone, so the AS issues it no refresh token.
+        """
         if not endpoints.registration_endpoint:
             raise ProviderError("the provider publishes no registration_endpoint (RFC 7591)")
         request: dict[str, Any] = {
             "client_name": client_name,
             "redirect_uris": redirect_uris,
-            "grant_types": ["authorization_code", "refresh_token"],
+            "grant_types": grant_types or ["authorization_code", "refresh_token"],
             "response_types": ["code"],
             "scope": " ".join(scopes),
             "token_endpoint_auth_method": auth_method,
@@ -193,6 +198,12 @@ class OAuthClient:
         elif auth_method not in ("client_secret_basic", "client_secret_post"):
             raise ValueError(f"unsupported client authentication method {auth_method!r}")
         response = self._send("POST", endpoints.registration_endpoint, json=request)
+        if response.status_code == 400 and oauth_error_code(response) == \
+                "invalid_client_metadata" and "scope" in describe_error(response):
+            # `scope` is optional (RFC 7591 2); some ASes accept only their own scope values
+            # there and grant resource scopes per request instead.
+            del request["scope"]
+            response = self._send("POST", endpoints.registration_endpoint, json=request)
         if response.status_code not in (200, 201):
             raise ProviderError(f"registration refused: {describe_error(response)}")
         doc = response.json()
@@ -210,6 +221,35 @@ class OAuthClient:
         public = {k: v for k, v in doc.items() if k not in ("client_secret",
                                                                "registration_access_token")}
         return credentials, public
+
+    def update_registration(
+        self, registration_client_uri: str, registration_access_token: str,
+        metadata: dict[str, Any],
+    ) -> dict[str, Any]:
+        """RFC 7592 client update (PUT the full metadata); returns the AS's new client info.
+
+        The answer may carry a rotated `registration_access_token`: the caller must store it.
+        """
+        response = self._send(
+            "PUT", registration_client_uri, json=metadata,
+            headers={"Authorization": f"Bearer {registration_access_token}",
+                     "Accept": "application/json"},
+        )
+        if response.status_code >= 500 or response.status_code == 429:
+            raise ProviderUnavailable(
+                f"registration update answered {response.status_code}",
+                retry_after=parse_retry_after(response.headers.get("Retry-After"),
+                                              self._clock.now()),
+            )
+        if response.status_code != 200:
+            raise ProviderError(f"registration update refused: {describe_error(response)}")
+        try:
+            doc = response.json()
+        except ValueError:
+            raise ProviderError("registration update answered without JSON") from None
+        if not isinstance(doc, dict):
+            raise ProviderError("registration update answered without a JSON object")
+        return doc
 
     # --- authorisation code + PKCE --------------------------------------------------------
 
@@ -382,11 +422,17 @@ class OAuthClient:
             if timeout is not None:
                 return self._http.request(method, url, timeout=timeout, **kwargs)
             return self._http.request(method, url, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise ProviderUnavailable(f"{urlsplit(url).netloc} timed out") from exc
-        except httpx.TransportError as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise ProviderUnavailable(
                 f"{urlsplit(url).netloc} unreachable ({type(exc).__name__})"
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise ProviderUnavailable(f"{urlsplit(url).netloc} timed out",
+                                      unanswered=True) from exc
+        except httpx.TransportError as exc:
+            raise ProviderUnavailable(
+                f"{urlsplit(url).netloc} dropped the connection ({type(exc).__name__})",
+                unanswered=True,
             ) from exc
 
 

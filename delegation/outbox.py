@@ -10,10 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from delegation.clock import Clock
@@ -35,6 +35,14 @@ def add(session: Session, topic: str, payload: dict[str, Any], now: dt.datetime,
 def dispatch_run(session: Session, run_id: object, now: dt.datetime, *,
                  available_at: dt.datetime | None = None) -> None:
     add(session, RUN_DISPATCH, {"run_id": str(run_id)}, now, available_at=available_at)
+
+
+def dispatch_runs(session: Session, run_ids: Iterable[object], now: dt.datetime) -> None:
+    """`dispatch_run` for many runs at once (one multi-row INSERT per thousand)."""
+    rows = [{"topic": RUN_DISPATCH, "payload": {"run_id": str(run_id)}, "created_at": now,
+             "available_at": now, "attempts": 0} for run_id in run_ids]
+    for start in range(0, len(rows), 1000):
+        session.execute(insert(OutboxMessage), rows[start:start + 1000])
 
 
 def backoff(attempts: int, rng: random.Random, *, base: float = 1.0, cap: float = 300.0

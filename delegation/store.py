@@ -26,6 +26,7 @@ from delegation.tokens import ClientCredentials, TokenSet
 from delegation.vault import Sealed, Vault, agent_context, delegation_context
 from models import (
     Agent,
+    AuditEvent,
     Delegation,
     DelegationStatus,
     JobRun,
@@ -71,6 +72,7 @@ class AgentIdentity:
     endpoints: Endpoints
     api_base: str | None
     credentials: ClientCredentials
+    provider_id: uuid.UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,33 @@ class DelegationStore:
             ))
         return True
 
+    def record_unconfirmed_refresh(self, state: DelegationState, identity: AgentIdentity,
+                                   detail: str) -> None:
+        """A refresh request left but no answer came back (the AS may have rotated)."""
+        now = self._clock.now()
+        with self._sessions.begin() as session:
+            user = session.get(User, state.user_id)
+            audit.append(session, audit.AuditRecord(
+                action="delegation:token:refresh_unconfirmed", actor_type="system",
+                actor="token-source", user_id=state.user_id,
+                user_subject=user.subject if user else None, agent_name=identity.name,
+                client_id=identity.client_id, delegation_id=state.id,
+                detail={"version": state.version, "detail": detail[:300]},
+            ), now)
+
+    def last_refresh_unconfirmed(self, state: DelegationState) -> bool:
+        """Was the latest refresh attempt of this very version left without an answer?"""
+        with self._sessions() as session:
+            event = session.scalars(
+                select(AuditEvent)
+                .where(AuditEvent.delegation_id == state.id,
+                       AuditEvent.action.in_(["delegation:token:refresh_unconfirmed",
+                                              "delegation:token:refreshed"]))
+                .order_by(AuditEvent.id.desc()).limit(1)
+            ).first()
+        return bool(event is not None and event.action.endswith("refresh_unconfirmed")
+                    and event.detail.get("version") == state.version)
+
     def mark_agent_misconfigured(self, identity: AgentIdentity, detail: str) -> None:
         now = self._clock.now()
         with self._sessions.begin() as session:
@@ -270,4 +299,5 @@ class AgentDirectory:
                 id=agent.id, name=agent.name, client_id=agent.client_id, status=agent.status,
                 endpoints=Endpoints.from_metadata(provider.discovered),
                 api_base=provider.api_base, credentials=credentials,
+                provider_id=provider.id,
             )

@@ -83,6 +83,7 @@ class TokenSource:
         poll_interval: float = 0.02,
         rng: random.Random | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        before_refresh: Callable[[uuid.UUID, uuid.UUID | None], object] | None = None,
     ) -> None:
         self._store = store
         self._agents = agents
@@ -95,6 +96,7 @@ class TokenSource:
         self._poll = poll_interval
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
         self._sleep = sleep
+        self._before_refresh = before_refresh  # a rate budget (agent, provider); may wait
         self._cache: dict[uuid.UUID, tuple[DelegationState, TokenSet]] = {}
         self._lock = threading.Lock()
         self.refreshes = 0
@@ -175,6 +177,8 @@ class TokenSource:
         if tokens.refresh_token is None:
             raise ReauthRequired("the delegation holds no refresh token")
         identity = self._agents.get(state.agent_id)
+        if self._before_refresh is not None:  # before the lease check: waiting uses it up
+            self._before_refresh(identity.id, identity.provider_id)
         remaining = lease.remaining_ms() / 1000
         if remaining <= self._request_timeout:
             raise ProviderUnavailable("refresh lease too short to send safely", retry_after=0.1)
@@ -183,6 +187,12 @@ class TokenSource:
                                         tokens.refresh_token, timeout=self._request_timeout)
         except ReauthRequired as exc:
             return self._on_invalid_grant(state, identity, exc)
+        except ProviderUnavailable as exc:
+            if exc.unanswered:
+                # The AS may have rotated the token and the answer got lost: say so durably,
+                # so a following invalid_grant is explained rather than silently "broken".
+                self._store.record_unconfirmed_refresh(state, identity, str(exc))
+            raise
         except AgentMisconfigured as exc:
             self._store.mark_agent_misconfigured(identity, str(exc))
             self._agents.forget(identity.id)
@@ -210,7 +220,10 @@ class TokenSource:
             latest_state, tokens = self._store.load(state.id)
             self._remember(latest_state, tokens)
             return latest_state, tokens
-        self._store.mark_broken(state, identity, "invalid_grant", detail=str(exc))
+        reason = "invalid_grant"
+        if self._store.last_refresh_unconfirmed(state):
+            reason = "refresh_response_lost"
+        self._store.mark_broken(state, identity, reason, detail=str(exc))
         self.forget(state.id)
         raise DelegationUnusable(f"delegation {state.id} is broken: {exc}",
                                  reason="delegation_broken") from exc

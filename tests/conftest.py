@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.support.databases",
     "tests.support.kms",
     "tests.support.oidc_fixtures",
+    "tests.support.processes",
 ]
 
 

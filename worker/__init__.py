@@ -3,3 +3,7 @@ the revocation listener.
 
 May import `models` and `delegation`; never `scheduler`, `api` or `behalf`.
 """
+
+from worker.jobs import agent_job
+
+__all__ = ["agent_job"]

@@ -1,0 +1,135 @@
+"""Real `behalf worker` processes on Redis, PostgreSQL and the real AS."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import func, select
+
+from delegation import outbox
+from delegation.clock import SystemClock
+from delegation.kms import LocalKeyFile
+from delegation.runs import queue_run
+from delegation.vault import Vault
+from models import Delegation, JobRun
+from tests.support.real_world import connect_user, make_world, register_agent
+from worker.celery_app import create_celery, publish_run
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+BROKER = "redis://127.0.0.1:6379/8"
+
+
+@pytest.fixture
+def broker():
+    client = redis_lib.Redis.from_url(BROKER)
+    client.flushdb()
+    yield BROKER
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    return tmp_path / "dev-master.key"
+
+
+@pytest.fixture
+def worker_env(pg_database, redis_url, broker, key_file):
+    return {
+        "BEHALF_DATABASE_URL": pg_database,
+        "BEHALF_REDIS_URL": redis_url,
+        "BEHALF_BROKER_URL": broker,
+        "BEHALF_LOCAL_KEY_FILE": str(key_file),
+        "BEHALF_JOBS_MODULES": "tests.support.sample_jobs",
+        "BEHALF_LOG_LEVEL": "WARNING",
+    }
+
+
+def publish_pending(sessions, broker_url):
+    app = create_celery(broker_url)
+    return outbox.relay_once(sessions, {outbox.RUN_DISPATCH: lambda p: publish_run(app, p)},
+                             SystemClock(), batch=10_000)
+
+
+def wait_until(predicate, timeout, interval=0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def test_worker_processes_refresh_many_short_lived_delegations_without_a_single_invalid_grant(
+    pg_sessions, pg_engine, redis_url, key_file, worker_env, processes, oidc_provider_factory,
+):
+    # Given 24 users connected through an AS issuing 5-second access tokens
+    provider = oidc_provider_factory(access_token_ttl=5)
+    vault = Vault(LocalKeyFile(key_file, warn=False))
+    world = make_world(pg_sessions, vault, redis_url, provider)
+    credentials, endpoints = register_agent(world, provider)
+    users = [connect_user(world, provider, credentials, endpoints, f"user{i}")[0]
+             for i in range(24)]
+    provider.reset_stats()
+    # And two worker processes with four job processes each
+    processes.base_env = dict(worker_env, SAMPLE_JOB_STRESS_SECONDS="12")
+    for _ in range(2):
+        processes.start("worker", "--concurrency", "4")
+    # When every user's job calls the API for 12 s (more than two access-token lifetimes)
+    with world.sessions.begin() as s:
+        runs = [queue_run(s, job="stress", user_id=u, agent_id=world.agent_id,
+                          now=world.clock.now()).id for u in users]
+    publish_pending(pg_sessions, worker_env["BEHALF_BROKER_URL"])
+
+    def finished():
+        with pg_sessions() as s:
+            return s.scalar(select(func.count()).select_from(JobRun)
+                            .where(JobRun.status.in_(["queued", "running"]))) == 0
+
+    if not wait_until(finished, 150):
+        with pg_sessions() as s:
+            rows = s.execute(select(JobRun.status, JobRun.reason, JobRun.detail)).all()
+        pytest.fail(f"runs did not finish: {rows[:5]}\n{processes.logs()[-3000:]}")
+    # Then every run succeeded, nothing broke, and the AS never saw a refresh token reused
+    with pg_sessions() as s:
+        statuses = s.execute(select(JobRun.status, func.count()).group_by(JobRun.status)).all()
+        broken = s.scalar(select(func.count()).select_from(Delegation)
+                          .where(Delegation.status != "active"))
+    assert dict(statuses) == {"succeeded": len(runs)}, processes.logs()[-3000:]
+    assert broken == 0
+    refreshes = [r for r in provider.stats()["requests"] if r.get("grant_type") == "refresh_token"]
+    assert refreshes, "the jobs outlived their tokens, so refreshes must have happened"
+    assert [r for r in refreshes if r["status"] != 200] == []
+    assert all(c["status"] == 200 for c in provider.api_calls())
+
+
+def test_a_duplicate_delivery_runs_the_job_body_once(
+    pg_sessions, redis_url, key_file, worker_env, processes, oidc_provider
+):
+    vault = Vault(LocalKeyFile(key_file, warn=False))
+    world = make_world(pg_sessions, vault, redis_url, oidc_provider)
+    credentials, endpoints = register_agent(world, oidc_provider)
+    user_id, _, _ = connect_user(world, oidc_provider, credentials, endpoints, "alice")
+    oidc_provider.reset_api_calls()
+    processes.base_env = dict(worker_env, SAMPLE_JOB_SLOW_SECONDS="1")
+    processes.start("worker", "--concurrency", "2")
+    with world.sessions.begin() as s:
+        run_id = queue_run(s, job="slow", user_id=user_id, agent_id=world.agent_id,
+                           now=world.clock.now()).id
+    app = create_celery(worker_env["BEHALF_BROKER_URL"])
+    for _ in range(3):  # the same wake-up delivered three times
+        publish_run(app, {"run_id": str(run_id)})
+
+    def done():
+        with pg_sessions() as s:
+            return s.get(JobRun, run_id).status == "succeeded"
+
+    assert wait_until(done, 60), processes.logs()[-3000:]
+    time.sleep(2)  # give the duplicates time to (not) run
+    calls = oidc_provider.api_calls()
+    assert [c["path"] for c in calls] == ["/v2/reports", "/v2/calendar"]
+    with pg_sessions() as s:
+        assert s.get(JobRun, run_id).attempts == 1
