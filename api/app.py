@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-from sqlalchemy.orm import Session, sessionmaker
+from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse, Response
 
-from api import health
+from api import auth, connect, grants, health
+from api.browser import SessionCookie
+from api.common import Services
+from api.deps import ApiDeps
+from api.pages import render
+from delegation.connect import Connector
 
 
-def create_app(*, sessions: sessionmaker[Session]) -> FastAPI:
+def create_app(deps: ApiDeps) -> FastAPI:
     app = FastAPI(title="behalf", version="0.1.0", docs_url="/api/docs", redoc_url=None)
-    app.state.sessions = sessions
+    app.state.sessions = deps.sessions
+    connector = Connector(
+        deps.sessions, deps.vault, deps.oauth, deps.clock,
+        secret_key=deps.secret_key.encode(), public_url=deps.public_url,
+        environment=deps.environment, state_ttl=deps.state_ttl_seconds,
+    )
+    services = Services(deps=deps, connector=connector,
+                        cookie=SessionCookie(deps.secret_key, deps.cookies))
+
+    @app.get("/", include_in_schema=False)
+    def index(request: Request) -> Response:
+        if services.signed_in(request) is not None:
+            return RedirectResponse("/grants", status_code=303)
+        return render("index.html", title="Sign in")
+
     app.include_router(health.router)
+    app.include_router(auth.build(services))
+    app.include_router(connect.build(services))
+    app.include_router(grants.build(services))
     return app

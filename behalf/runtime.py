@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 import httpx
 from celery import Celery
 
 from behalf.deps import Deps
+from delegation.budget import RateBudget
 from delegation.oauth import OAuthClient
+from delegation.ratelimit import Limits, RequestGate
 from delegation.store import AgentDirectory, DelegationStore
 from delegation.token_source import TokenSource
 from worker.celery_app import QUEUE, RunnerHolder, create_celery
@@ -52,6 +55,21 @@ def oauth_client(deps: Deps) -> OAuthClient:
     return OAuthClient(oauth_http(deps), deps.clock)
 
 
+def request_gate(deps: Deps) -> RequestGate:
+    """The per-agent and per-provider request budgets (`BEHALF_*_RATE_LIMIT`), in Redis."""
+    gate = deps.extras.get("request_gate")
+    if gate is None:
+        settings = deps.settings
+        budget = RateBudget(redis_client(deps), clock=deps.clock, sleep=time.sleep)
+        gate = RequestGate(budget, Limits(
+            provider_rate=settings.provider_rate_limit or None,
+            agent_rate=settings.agent_rate_limit or None,
+            max_wait=float(settings.rate_limit_max_wait),
+        ))
+        deps.extras["request_gate"] = gate
+    return gate
+
+
 def token_source(deps: Deps) -> TokenSource:
     source = deps.extras.get("token_source")
     if source is None:
@@ -62,6 +80,7 @@ def token_source(deps: Deps) -> TokenSource:
             redis=redis_client(deps),
             clock=deps.clock,
             minimum_skew=deps.settings.refresh_skew_seconds,
+            before_refresh=request_gate(deps).with_purpose("refresh").before_request,
         )
         deps.extras["token_source"] = source
     return source
@@ -85,6 +104,7 @@ def build_runner(deps: Deps) -> Runner:
         clock=deps.clock,
         config=RunnerConfig(worker_id=f"{socket.gethostname()}:{os.getpid()}"),
         transport=deps.extras.get("api_transport"),
+        before_request=request_gate(deps).before_request,
     )
 
 

@@ -41,6 +41,16 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _rate(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number of requests per second, got {raw!r}") from None
+    if not 0 <= value <= 1_000_000:  # also refuses NaN
+        raise ValueError("expected a number from 0 (no limit) to 1000000")
+    return value
+
+
 def _modules(raw: str) -> tuple[str, ...]:
     names = tuple(part.strip() for part in raw.split(",") if part.strip())
     for name in names:
@@ -107,6 +117,13 @@ class Settings:
     data_key_cache_seconds: int = _var(300, _positive_int, "max age of a cached data key")
     data_key_cache_size: int = _var(10_000, _positive_int, "max cached data keys")
     ops_token: str = _var("", _str, "bearer token for /api/ops; empty disables ops API")
+    provider_rate_limit: float = _var(
+        0.0, _rate, "requests/s per provider (AS + API), shared by the fleet; 0 = no limit"
+    )
+    agent_rate_limit: float = _var(0.0, _rate, "requests/s per agent, shared; 0 = no limit")
+    rate_limit_max_wait: int = _var(
+        30, _positive_int, "longest wait for a rate budget before a job is retried later"
+    )
     log_level: str = _var("INFO", _level, "log level")
 
     @property

@@ -73,9 +73,15 @@ class Agent(Base):
     provider_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("providers.id"))
     client_id: Mapped[str] = mapped_column(String(255))
     auth_method: Mapped[str] = mapped_column(String(40))
+    # "agent" (users connect it) or "signin" (the deployment's own OIDC client, `openid` only,
+    # that users sign in to the pages with); both are OAuth clients sealed the same way.
+    role: Mapped[str] = mapped_column(String(20), default="agent", server_default="agent")
     scopes: Mapped[list[str]] = mapped_column(default=list)
     required_scopes: Mapped[list[str]] = mapped_column(default=list)
     public_jwks: Mapped[dict[str, Any] | None]
+    # The AS's client information response (RFC 7591/7592) without any secret: it names the
+    # registration_client_uri that key rotation updates.
+    registration: Mapped[dict[str, Any] | None]
     credential_blob: Mapped[bytes | None] = mapped_column(LargeBinary)
     credential_wrapped_key: Mapped[bytes | None] = mapped_column(LargeBinary)
     credential_key_id: Mapped[str | None] = mapped_column(String(255))
@@ -317,6 +323,7 @@ class AuthorizationRequest(Base):
     nonce: Mapped[str | None] = mapped_column(String(128))
     verifier_blob: Mapped[bytes] = mapped_column(LargeBinary)
     redirect_uri: Mapped[str] = mapped_column(String(500))
+    return_to: Mapped[str | None] = mapped_column(String(500))
     created_at: Mapped[dt.datetime]
     expires_at: Mapped[dt.datetime]
     used_at: Mapped[dt.datetime | None]

@@ -66,8 +66,10 @@ class DelegatedBearerAuth(httpx.Auth):
         api_base: str,
         cancel: CancelToken,
         record: CallRecorder,
+        before_request: Callable[[], object] | None = None,
     ) -> None:
         self._tokens = tokens
+        self._before_request = before_request  # a rate budget; may wait or raise
         self._delegation_id = delegation_id
         self._origin = origin(api_base)
         self._cancel = cancel
@@ -83,6 +85,8 @@ class DelegatedBearerAuth(httpx.Auth):
             )
         self._cancel.raise_if_cancelled()
         request.read()  # buffer the body so the retry can resend it
+        if self._before_request is not None:
+            self._before_request()
         call = CallRecord(uuid.uuid4(), request.method, path_template(request.url.path))
         token = self._tokens.current(self._delegation_id)
         request.headers["Authorization"] = f"Bearer {token.value}"
@@ -99,6 +103,8 @@ class DelegatedBearerAuth(httpx.Auth):
                 token = self._tokens.refresh(self._delegation_id, rejected=token)
                 request.headers["Authorization"] = f"Bearer {token.value}"
                 call = CallRecord(uuid.uuid4(), call.method, call.path)
+                if self._before_request is not None:
+                    self._before_request()
                 self._record(call)
                 finished = False
                 response = yield request
@@ -126,10 +132,11 @@ def build_client(
     record: CallRecorder,
     transport: httpx.BaseTransport | None = None,
     timeout: float = 30.0,
+    before_request: Callable[[], object] | None = None,
 ) -> httpx.Client:
     """The client a job sees as `ctx.http`; cancelling the run closes its connections."""
     auth = DelegatedBearerAuth(tokens, delegation_id, api_base=api_base, cancel=cancel,
-                               record=record)
+                               record=record, before_request=before_request)
     client = httpx.Client(base_url=api_base, auth=auth, transport=transport, timeout=timeout,
                           follow_redirects=False)
     cancel.on_cancel(client.close)

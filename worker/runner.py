@@ -10,6 +10,7 @@ even when no push arrives.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import random
 import threading
@@ -112,6 +113,7 @@ class Runner:
         transport: httpx.BaseTransport | None = None,
         rng: random.Random | None = None,
         on_finished: Callable[[uuid.UUID, str], None] | None = None,
+        before_request: Callable[[uuid.UUID, uuid.UUID | None], object] | None = None,
     ) -> None:
         self._sessions = sessions
         self._tokens = tokens
@@ -123,6 +125,7 @@ class Runner:
         self._transport = transport
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
         self._on_finished = on_finished
+        self._before_request = before_request  # rate budget per (agent, provider)
 
     # --- the whole life of one delivery ---------------------------------------------------
 
@@ -230,9 +233,12 @@ class Runner:
         def record(call: CallRecord) -> None:
             self._record_call(claimed, identity.name, identity.client_id, call)
 
+        gate = None
+        if self._before_request is not None:
+            gate = functools.partial(self._before_request, identity.id, identity.provider_id)
         http = build_client(tokens=self._tokens, delegation_id=delegation_id,
                             api_base=identity.api_base, cancel=cancel, record=record,
-                            transport=self._transport)
+                            transport=self._transport, before_request=gate)
         ctx = JobContext(
             run_id=claimed.run_id, job=claimed.job, user_subject=claimed.user_subject,
             agent=identity.name, client_id=identity.client_id, delegation_id=delegation_id,

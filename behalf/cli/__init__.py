@@ -9,7 +9,9 @@ import click
 from behalf.cli.admin import keys, migrate
 from behalf.cli.common import AppContext
 from behalf.cli.dev import dev
+from behalf.cli.identity import agent, provider
 from behalf.cli.runs import run, runs
+from behalf.cli.scheduling import requeue, schedule, scheduler
 from behalf.cli.serve import api, worker
 
 
@@ -28,6 +30,11 @@ cli.add_command(dev)
 cli.add_command(worker)
 cli.add_command(run)
 cli.add_command(runs)
+cli.add_command(schedule)
+cli.add_command(requeue)
+cli.add_command(scheduler)
+cli.add_command(provider)
+cli.add_command(agent)
 
 
 def main(args: list[str] | None = None) -> int:

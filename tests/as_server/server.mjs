@@ -457,6 +457,9 @@ function buildProvider({ issuer, apiBase, store }) {
     features: {
       devInteractions: { enabled: false },
       registration: { enabled: true, initialAccessToken: false },
+      // RFC 7592: clients read and update their registration (e.g. to rotate a private_key_jwt
+      // key: publish old + new, then drop the old); the access token rotates on each update.
+      registrationManagement: { enabled: true },
       // Clients may revoke only their own tokens (RFC 7009 says so).
       revocation: {
         enabled: true,

@@ -59,7 +59,7 @@ def test_protocol_registration_subset_grant_refresh_and_revocation(
     world = make_world(pg_sessions, vault, redis_url, oidc_provider)
     credentials, endpoints = register_agent(world, oidc_provider)
     assert credentials.auth_method == "private_key_jwt" and credentials.secret is None
-    _, d_id, exchange = connect_user(world, oidc_provider, credentials, endpoints, "alice",
+    _, _, exchange = connect_user(world, oidc_provider, credentials, endpoints, "alice",
                                      scopes={"reports:read"})
     assert set(exchange.granted_scopes) == {"reports:read"}
     assert exchange.tokens.refresh_token and exchange.id_token

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +10,6 @@ import pytest
 from tests.unit.deploy.files import (
     BEHALF_VARIABLE,
     COMPOSE_FILE,
-    DOCKERFILE,
     ENV_EXAMPLE,
     SECRET_NAME,
     behalf_subcommand,
@@ -262,39 +258,3 @@ def test_env_file_stays_out_of_git_and_images() -> None:
     dockerignore = (root / ".dockerignore").read_text(encoding="utf-8").splitlines()
     assert ".env" in gitignore
     assert ".env" in dockerignore
-
-
-def compose_cli() -> list[str] | None:
-    """Docker Compose v2 (the docker plugin or a standalone binary), if this machine has one."""
-    docker = shutil.which("docker")
-    if docker:
-        probe = subprocess.run(
-            [docker, "compose", "version"], capture_output=True, text=True, check=False
-        )
-        if probe.returncode == 0:
-            return [docker, "compose"]
-    standalone = shutil.which("docker-compose")
-    if standalone:
-        probe = subprocess.run([standalone, "version"], capture_output=True, text=True, check=False)
-        if probe.returncode == 0 and re.search(r"\bv?2\.", probe.stdout):
-            return [standalone]
-    return None
-
-
-def test_compose_itself_accepts_the_file(tmp_path: Path) -> None:
-    # Optional: the checks above need no Docker; where Compose v2 exists, it has the last word.
-    cli = compose_cli()
-    if cli is None:
-        pytest.skip("Docker Compose v2 is not installed (needed only for this extra check)")
-    shutil.copy(COMPOSE_FILE, tmp_path / "docker-compose.yml")
-    shutil.copy(DOCKERFILE, tmp_path / "Dockerfile")
-    shutil.copy(ENV_EXAMPLE, tmp_path / ".env")
-    result = subprocess.run(
-        [*cli, "config", "--quiet"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
