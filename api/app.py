@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 
-from api import auth, connect, grants, health
+from api import audit, auth, connect, grants, health, logs, ops, reauth
 from api.browser import SessionCookie
 from api.common import Services
 from api.deps import ApiDeps
@@ -16,6 +16,9 @@ from delegation.connect import Connector
 def create_app(deps: ApiDeps) -> FastAPI:
     app = FastAPI(title="behalf", version="0.1.0", docs_url="/api/docs", redoc_url=None)
     app.state.sessions = deps.sessions
+    app.state.clock = deps.clock
+    app.state.ops_token = deps.ops_token
+    logs.install()
     connector = Connector(
         deps.sessions, deps.vault, deps.oauth, deps.clock,
         secret_key=deps.secret_key.encode(), public_url=deps.public_url,
@@ -34,4 +37,8 @@ def create_app(deps: ApiDeps) -> FastAPI:
     app.include_router(auth.build(services))
     app.include_router(connect.build(services))
     app.include_router(grants.build(services))
+    app.include_router(reauth.build(services))
+    app.include_router(ops.router)
+    app.state.services = services
+    app.include_router(audit.router)
     return app

@@ -94,7 +94,7 @@ def agent_directory(deps: Deps) -> AgentDirectory:
     return directory
 
 
-def build_runner(deps: Deps) -> Runner:
+def build_runner(deps: Deps, *, exit_when_stuck: bool = False) -> Runner:
     load_job_modules(deps.settings.jobs_modules)
     return Runner(
         sessions=deps.sessions,
@@ -102,15 +102,16 @@ def build_runner(deps: Deps) -> Runner:
         agents=agent_directory(deps),
         jobs=registry,
         clock=deps.clock,
-        config=RunnerConfig(worker_id=f"{socket.gethostname()}:{os.getpid()}"),
+        config=RunnerConfig(worker_id=f"{socket.gethostname()}:{os.getpid()}",
+                            on_stuck=(lambda: os._exit(70)) if exit_when_stuck else None),
         transport=deps.extras.get("api_transport"),
         before_request=request_gate(deps).before_request,
     )
 
 
-def start_runtime(deps: Deps) -> Runner:
+def start_runtime(deps: Deps, *, exit_when_stuck: bool = False) -> Runner:
     """A runner plus its revocation listener, for the process that executes jobs."""
-    runner = build_runner(deps)
+    runner = build_runner(deps, exit_when_stuck=exit_when_stuck)
     listener = RevocationListener(redis_factory=lambda: redis_client(deps),
                                   sessions=deps.sessions, active=runner.active)
     listener.start()
@@ -118,7 +119,8 @@ def start_runtime(deps: Deps) -> Runner:
     return runner
 
 
-def celery_app(deps: Deps, *, with_runner: bool = False, share_deps: bool = False) -> Celery:
+def celery_app(deps: Deps, *, with_runner: bool = False, share_deps: bool = False,
+               exit_when_stuck: bool = True) -> Celery:
     """The Celery app. With a runner, it is built in each worker process after the pool forks
     (fresh connections), or from these very deps with `share_deps` (in-process dev mode)."""
     key = "celery_worker" if with_runner else "celery"
@@ -129,7 +131,11 @@ def celery_app(deps: Deps, *, with_runner: bool = False, share_deps: bool = Fals
             settings = deps.settings
 
             def factory() -> Runner:
-                return start_runtime(deps if share_deps else Deps.from_settings(settings))
+                if share_deps:
+                    return start_runtime(deps)
+                # a prefork child: a job stuck past its grace period takes the child with it
+                return start_runtime(Deps.from_settings(settings),
+                                     exit_when_stuck=exit_when_stuck)
 
             holder = RunnerHolder(factory)
             deps.extras["runner_holder"] = holder
@@ -142,7 +148,7 @@ def run_worker(deps: Deps, *, concurrency: int, pool: str = "prefork") -> None:
     """Start a Celery worker whose processes each build their runtime after the fork."""
     from celery.signals import worker_process_init
 
-    app = celery_app(deps, with_runner=True)
+    app = celery_app(deps, with_runner=True, exit_when_stuck=pool == "prefork")
     holder: RunnerHolder = deps.extras["runner_holder"]
 
     @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]

@@ -41,6 +41,16 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"expected a whole number (0 or more), got {raw!r}") from None
+    if value < 0:
+        raise ValueError("expected a whole number (0 or more)")
+    return value
+
+
 def _rate(raw: str) -> float:
     try:
         value = float(raw)
@@ -112,6 +122,16 @@ class Settings:
     secret_key: str = _var("", _str, "signs cookies and links; required in production")
     smtp_url: str = _var("", _url(("smtp", "smtps")), "SMTP server; empty = log + outbox")
     mail_from: str = _var("behalf@localhost", _str, "From: address of notification mails")
+    mail_templates_dir: str = _var(
+        "", _str, "directory whose reauth.subject.txt/.txt/.html override the mail templates"
+    )
+    reauth_link_days: int = _var(7, _positive_int, "days a re-authorisation link stays valid")
+    reminder_hours: int = _var(
+        48, _non_negative_int, "hours after a break to remind if still broken; 0 = never"
+    )
+    mails_per_user_per_day: int = _var(
+        3, _positive_int, "at most this many notification mails per user in 24 hours"
+    )
     jobs_modules: tuple[str, ...] = _var((), _modules, "comma-separated modules with jobs")
     refresh_skew_seconds: int = _var(60, _positive_int, "minimum refresh-ahead margin")
     data_key_cache_seconds: int = _var(300, _positive_int, "max age of a cached data key")

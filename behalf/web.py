@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from api.app import create_app
 from api.deps import ApiDeps, CookieSettings
 from behalf.deps import Deps
+from behalf.relay import publish_stop_now
 from behalf.runtime import oauth_client
 from behalf.settings import Settings
 
@@ -41,9 +42,10 @@ def api_deps(deps: Deps) -> ApiDeps:
         ops_token=settings.ops_token,
     )
     publish_stop: Callable[[uuid.UUID], None] | None = deps.extras.get("publish_stop")
-    if publish_stop is not None:
-        api = dataclasses.replace(api, publish_stop=publish_stop)
-    return api
+    if publish_stop is None:
+        def publish_stop(delegation_id: uuid.UUID) -> None:
+            publish_stop_now(deps, delegation_id, "delegation_revoked")
+    return dataclasses.replace(api, publish_stop=publish_stop)
 
 
 def secret_key(settings: Settings) -> str:

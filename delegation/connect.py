@@ -21,8 +21,12 @@ state*, so the database alone never yields it. A request expires in minutes.
                   must be the signed-in user
     scopes        granted ⊆ requested; the agent's required scopes all granted
 then seals the tokens, creates or replaces the user's delegation for the agent (same id,
-version bumped) and audits `delegation:granted`. A refusal after the exchange revokes what the
-AS issued (best effort), so no unwanted grant lingers there.
+version bumped) and audits `delegation:granted`. Replacing the tokens of a broken delegation
+repairs it (`delegation.reauth.on_repaired`, same transaction): a re-authorisation link it was
+started from is used up, the other links retired, the parked runs re-queued. A refusal after
+the exchange revokes what the AS issued (best effort), so no unwanted grant lingers there,
+except when the user already has a working delegation for the agent: that one may share the
+grant at the AS, so the refused tokens are only dropped.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from delegation import audit
+from delegation import audit, reauth
 from delegation.clock import Clock
 from delegation.errors import (
     AgentMisconfigured,
@@ -125,6 +129,7 @@ class _Pending:
     verifier: str
     redirect_uri: str
     return_to: str | None
+    reauth_link_id: uuid.UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -167,14 +172,14 @@ def seal_verifier(secret_key: bytes, state: str, request_id: uuid.UUID, verifier
 
 def open_verifier(secret_key: bytes, state: str, request_id: uuid.UUID, blob: bytes) -> str:
     if len(blob) < 1 + 12 + 16 or blob[:1] != _VERIFIER_FORMAT:
-        raise ConnectRefused("unknown_state", "This sign-in link is not valid. Please start "
-                             "again.")
+        raise ConnectRefused("unknown_state", "This answer does not belong to any request "
+                             "we made. Please start again.")
     try:
         return AESGCM(_verifier_key(secret_key, state)).decrypt(
             blob[1:13], blob[13:], request_id.bytes).decode()
     except InvalidTag:
-        raise ConnectRefused("unknown_state", "This sign-in link is not valid. Please start "
-                             "again.") from None
+        raise ConnectRefused("unknown_state", "This answer does not belong to any request "
+                             "we made. Please start again.") from None
 
 
 def valid_token_syntax(value: str, max_length: int) -> bool:
@@ -222,9 +227,6 @@ class Connector:
 
     # --- sign-in ---------------------------------------------------------------------------
 
-    def signin_configured(self) -> bool:
-        return signin_client(self._sessions, self._vault, self._environment) is not None
-
     def start_signin(self, *, browser: str, return_to: str | None) -> str:
         client = signin_client(self._sessions, self._vault, self._environment)
         if client is None:
@@ -232,12 +234,9 @@ class Connector:
                 "signin_not_configured",
                 "Sign-in is not set up yet: an operator has to run "
                 "`behalf provider add NAME --issuer URL --signin`.", status=503)
-        with self._sessions() as session:
-            provider_id = session.scalars(
-                select(Agent.provider_id).where(Agent.id == client.agent_id)).one()
         return self._start(
             purpose=PURPOSE_SIGNIN, endpoints=client.endpoints, client_id=client.client_id,
-            provider_id=provider_id, agent_id=client.agent_id, expected_user_id=None,
+            provider_id=client.provider_id, agent_id=client.agent_id, expected_user_id=None,
             scopes=["openid"], nonce=True, browser=browser, redirect_uri=self.signin_redirect_uri,
             return_to=safe_return_to(return_to),
         )
@@ -280,8 +279,13 @@ class Connector:
 
     # --- connect ---------------------------------------------------------------------------
 
-    def start_connect(self, agent_name: str, *, user_id: uuid.UUID, browser: str) -> str:
-        """The authorisation URL for `user_id` to connect `agent_name` (recorded pending)."""
+    def start_connect(self, agent_name: str, *, user_id: uuid.UUID, browser: str,
+                      scopes: list[str] | None = None,
+                      reauth_link_id: uuid.UUID | None = None) -> str:
+        """The authorisation URL for `user_id` to connect `agent_name` (recorded pending).
+
+        A re-authorisation passes the scopes to ask for again and, when it came from a mail,
+        the link it was started from (used up by the repair)."""
         with self._sessions() as session:
             row = session.execute(
                 select(Agent, Provider).join(Provider, Agent.provider_id == Provider.id)
@@ -304,7 +308,7 @@ class Connector:
                     "other_provider", f"The agent {agent.name} uses another authorization "
                     "server than the one you signed in with.", status=409, agent=agent.name)
             metadata = dict(provider.discovered or {})
-            scopes = list(agent.scopes or [])
+            scopes = list(scopes if scopes is not None else agent.scopes or [])
             oidc = is_oidc(metadata)
             if oidc and "openid" not in scopes:
                 scopes.insert(0, "openid")  # an ID token tells us who consented
@@ -313,6 +317,7 @@ class Connector:
                 client_id=agent.client_id, provider_id=provider.id, agent_id=agent.id,
                 expected_user_id=user.id, scopes=scopes, nonce=oidc, browser=browser,
                 redirect_uri=self.connect_redirect_uri, return_to=None,
+                reauth_link_id=reauth_link_id,
             )
 
     def finish_connect(self, params: CallbackParams, *, browser: str | None,
@@ -346,6 +351,7 @@ class Connector:
             exc.agent = agent_name
             raise
         exchange = self._exchange(endpoints, credentials, params, pending, agent=agent_name)
+        consenting = user_subject  # whose grant the AS just issued, as far as we know yet
         try:
             tokens = exchange.tokens
             if not tokens.refresh_token:
@@ -358,6 +364,7 @@ class Connector:
                                                   pending.nonce)
             else:
                 subject = self._userinfo_subject(endpoints, tokens)
+            consenting = subject
             if subject != user_subject or endpoints.issuer != user_issuer:
                 raise ConnectRefused(
                     "other_user", "You consented at the authorization server as someone "
@@ -366,13 +373,16 @@ class Connector:
             granted = self._granted_scopes(exchange, pending, agent_scopes, required,
                                            agent_name)
             return self._store(user_id, pending.agent_id, agent_name, client_id, user_subject,
-                               agent_scopes, granted, tokens)
+                               agent_scopes, granted, tokens,
+                               reauth_link_id=pending.reauth_link_id)
         except ConnectRefused as exc:
             exc.agent = exc.agent or agent_name
-            self._discard(endpoints, credentials, exchange.tokens)
+            self._discard(endpoints, credentials, exchange.tokens, keep_grant=self._grant_in_use(
+                pending.agent_id, endpoints.issuer, consenting))
             raise
         except Exception:
-            self._discard(endpoints, credentials, exchange.tokens)
+            self._discard(endpoints, credentials, exchange.tokens, keep_grant=self._grant_in_use(
+                pending.agent_id, endpoints.issuer, consenting))
             raise
 
     # --- steps -----------------------------------------------------------------------------
@@ -381,6 +391,7 @@ class Connector:
         self, *, purpose: str, endpoints: Endpoints, client_id: str, provider_id: uuid.UUID,
         agent_id: uuid.UUID | None, expected_user_id: uuid.UUID | None, scopes: list[str],
         nonce: bool, browser: str, redirect_uri: str, return_to: str | None,
+        reauth_link_id: uuid.UUID | None = None,
     ) -> str:
         now = self._clock.now()
         state = secrets.token_urlsafe(32)
@@ -398,6 +409,7 @@ class Connector:
                 verifier_blob=seal_verifier(self._secret, state, request_id, verifier),
                 redirect_uri=redirect_uri, return_to=return_to, created_at=now,
                 expires_at=now + dt.timedelta(seconds=self._ttl),
+                reauth_link_id=reauth_link_id,
             ))
         return self._oauth.authorization_url(
             endpoints, client_id=client_id, redirect_uri=redirect_uri, scopes=scopes,
@@ -447,6 +459,7 @@ class Connector:
                 scopes=tuple(row.scopes or ()), nonce=row.nonce,
                 verifier=open_verifier(self._secret, state, row.id, row.verifier_blob),
                 redirect_uri=row.redirect_uri, return_to=row.return_to,
+                reauth_link_id=row.reauth_link_id,
             )
 
     @staticmethod
@@ -467,8 +480,8 @@ class Connector:
             code = params.error if params.error in KNOWN_ERRORS else "an error"
             if params.error == "temporarily_unavailable" or params.error == "server_error":
                 raise ConnectRefused("provider_unavailable", "The authorization server is "
-                                     "unavailable right now. Please try again in a few "
-                                     "minutes.", status=503)
+                                     "unavailable right now. Nothing was saved; please try "
+                                     "again in a few minutes.", status=503)
             raise ConnectRefused("authorization_error", "The authorization server refused "
                                  f"the request ({code}). Nothing was saved.")
         if params.code is None:
@@ -575,7 +588,8 @@ class Connector:
 
     def _store(self, user_id: uuid.UUID, agent_id: uuid.UUID, agent_name: str,
                client_id: str, user_subject: str, agent_scopes: list[str],
-               granted: list[str], tokens: TokenSet) -> Granted:
+               granted: list[str], tokens: TokenSet, *,
+               reauth_link_id: uuid.UUID | None = None) -> Granted:
         now = self._clock.now()
         with self._sessions.begin() as session:
             row = session.scalars(
@@ -584,6 +598,7 @@ class Connector:
                 .with_for_update()
             ).one_or_none()
             reconnected = row is not None
+            previous_status = row.status if row is not None else None
             if row is None:
                 row = Delegation(id=uuid.uuid4(), user_id=user_id, agent_id=agent_id,
                                  version=1, created_at=now)
@@ -621,12 +636,50 @@ class Connector:
                 detail={"scopes_requested": agent_scopes, "scopes_granted": granted,
                         "version": row.version, "reconnected": reconnected},
             ), now)
+            # --- re-authorisation (issue #7): a repair uses its link, retires the others and
+            # re-queues the parked runs, all in this transaction; a dead link stores nothing.
+            if previous_status is not None or reauth_link_id is not None:
+                try:
+                    reauth.on_repaired(
+                        session, delegation_id=row.id, user_id=user_id,
+                        previous_status=previous_status or "", link_id=reauth_link_id,
+                        now=now, user_subject=user_subject, agent_name=agent_name,
+                        client_id=client_id)
+                except reauth.LinkRefused as exc:
+                    raise ConnectRefused(exc.reason, str(exc), status=exc.status,
+                                         agent=agent_name) from None
+            # --- end re-authorisation
             return Granted(row.id, agent_name, tuple(granted), row.version, reconnected)
 
+    def _grant_in_use(self, agent_id: uuid.UUID, issuer: str, subject: str) -> bool:
+        """Does an active delegation hold tokens of `subject`'s grant to this agent?
+
+        Many ASes keep one grant per user and client, and revoking a refresh token revokes
+        the whole grant: a refused reconnect must not take a working delegation down with it.
+        """
+        try:
+            with self._sessions() as session:
+                found = session.scalars(
+                    select(Delegation.id).join(User, Delegation.user_id == User.id)
+                    .where(Delegation.agent_id == agent_id,
+                           Delegation.status == DelegationStatus.ACTIVE.value,
+                           User.issuer == issuer, User.subject == subject).limit(1)
+                ).first()
+        except Exception:  # cannot tell: the careful answer
+            log.warning("could not check for a delegation sharing the refused grant",
+                        exc_info=True)
+            return True
+        return found is not None
+
     def _discard(self, endpoints: Endpoints, credentials: ClientCredentials,
-                 tokens: TokenSet) -> None:
-        """Revoke tokens we will not keep (best effort: the refusal stands either way)."""
-        if not endpoints.revocation_endpoint:
+                 tokens: TokenSet, *, keep_grant: bool = False) -> None:
+        """Revoke tokens we will not keep (best effort: the refusal stands either way).
+
+        With `keep_grant` nothing is revoked, the tokens are only dropped: at ASes that keep
+        one grant per user and client (oidc-provider among them), revoking either token
+        revokes the whole grant, and with it the user's working delegation.
+        """
+        if keep_grant or not endpoints.revocation_endpoint:
             return
         token, hint = ((tokens.refresh_token, "refresh_token") if tokens.refresh_token
                        else (tokens.access_token, "access_token"))

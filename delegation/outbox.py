@@ -11,9 +11,9 @@ import datetime as dt
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select
+from sqlalchemy import Table, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from delegation.clock import Clock
@@ -38,11 +38,23 @@ def dispatch_run(session: Session, run_id: object, now: dt.datetime, *,
 
 
 def dispatch_runs(session: Session, run_ids: Iterable[object], now: dt.datetime) -> None:
-    """`dispatch_run` for many runs at once (one multi-row INSERT per thousand)."""
-    rows = [{"topic": RUN_DISPATCH, "payload": {"run_id": str(run_id)}, "created_at": now,
-             "available_at": now, "attempts": 0} for run_id in run_ids]
-    for start in range(0, len(rows), 1000):
-        session.execute(insert(OutboxMessage), rows[start:start + 1000])
+    """`dispatch_run` for many runs at once (one statement on PostgreSQL)."""
+    ids = [str(run_id) for run_id in run_ids]
+    if not ids:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_DISPATCH_POSTGRESQL, {"ids": ids, "topic": RUN_DISPATCH, "now": now})
+        return
+    rows = [{"topic": RUN_DISPATCH, "payload": {"run_id": run_id}, "created_at": now,
+             "available_at": now, "attempts": 0} for run_id in ids]
+    session.execute(insert(cast(Table, OutboxMessage.__table__)), rows)
+
+
+_DISPATCH_POSTGRESQL = text("""
+    INSERT INTO outbox (topic, payload, created_at, available_at, attempts)
+    SELECT :topic, jsonb_build_object('run_id', run_id), :now, :now, 0
+    FROM unnest(CAST(:ids AS text[])) AS run_id
+""")
 
 
 def backoff(attempts: int, rng: random.Random, *, base: float = 1.0, cap: float = 300.0

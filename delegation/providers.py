@@ -20,12 +20,15 @@ import datetime as dt
 import ipaddress
 import re
 import secrets
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from joserfc.errors import JoseError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -55,6 +58,9 @@ ROLE_AGENT = "agent"
 ROLE_SIGNIN = "signin"
 AUTH_METHODS = ("private_key_jwt", "client_secret_basic", "client_secret_post")
 SIGNIN_NAME_PREFIX = "signin:"  # agent names cannot contain ':', so never a clash
+# How long a rotated-out key stays published after the new one signs: longer than workers
+# cache agent credentials (`delegation.store.AgentDirectory`, 30 s), plus requests in flight.
+ROTATION_GRACE_SECONDS = 45.0
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # RFC 6749 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
@@ -134,6 +140,7 @@ class SigninClient:
     """The deployment's OIDC client that users sign in to the pages with."""
 
     agent_id: uuid.UUID
+    provider_id: uuid.UUID
     client_id: str
     issuer: str
     endpoints: Endpoints
@@ -195,6 +202,15 @@ def is_oidc(metadata: dict[str, Any]) -> bool:
         metadata.get("id_token_signing_alg_values_supported"))
 
 
+@contextmanager
+def _unique(what: str) -> Iterator[None]:
+    """A unique constraint hit by a concurrent change becomes a clear `Conflict`."""
+    try:
+        yield
+    except IntegrityError:
+        raise Conflict(f"{what} changed meanwhile; run the command again") from None
+
+
 # --- providers -------------------------------------------------------------------------------
 
 
@@ -221,9 +237,13 @@ def add_provider(
     check_url(issuer, "issuer")
     if api_base is not None:
         check_url(api_base.rstrip("/"), "API base URL")
+    with sessions() as session:
+        bound = session.scalars(select(Provider.issuer).where(Provider.name == name)).first()
+    if bound is not None and bound != issuer:
+        raise Conflict(f"provider {name!r} is already bound to {bound}; pick another name")
     metadata = oauth.discover(issuer)
     now = clock.now()
-    with sessions.begin() as session:
+    with _unique("the providers"), sessions.begin() as session:
         row = session.scalars(
             select(Provider).where(Provider.name == name).with_for_update()
         ).one_or_none()
@@ -328,15 +348,14 @@ def _insert_agent(
         auth_method=credentials.auth_method, scopes=scopes, required_scopes=required,
         registration=registration, status="active", created_at=now, updated_at=now,
     )
+    taken = session.scalars(select(Agent.name).where(
+        Agent.provider_id == provider.id, Agent.client_id == credentials.client_id)).first()
+    if taken is not None:
+        raise Conflict(f"client_id {credentials.client_id} is already used by agent {taken!r} "
+                       f"of provider {provider.name!r}; a client_id is never shared")
     _seal_credentials(vault, agent, credentials)
     session.add(agent)
-    try:
-        session.flush()
-    except IntegrityError:
-        raise Conflict(
-            f"client_id {credentials.client_id} is already used by another agent of provider "
-            f"{provider.name!r}, or agent {name!r} already exists in {environment!r}"
-        ) from None
+    session.flush()
     return agent
 
 
@@ -357,13 +376,17 @@ def register_agent(
         provider = _provider(session, provider_name)
         _refuse_existing(session, name, environment)
         endpoints = Endpoints.from_metadata(provider.discovered)
+        # The connect flow asks for `openid` too on an OIDC provider (the ID token names who
+        # consented), so the client must be allowed to.
+        registered_scopes = (["openid"] if is_oidc(provider.discovered) else []) + [
+            s for s in scopes if s != "openid"]
     credentials, registration = oauth.register(
         endpoints, client_name=f"{name} ({environment})",
         redirect_uris=[callback_url(public_url, CONNECT_CALLBACK_PATH)],
-        scopes=scopes, auth_method=auth_method,
+        scopes=registered_scopes, auth_method=auth_method,
     )
     now = clock.now()
-    with sessions.begin() as session:
+    with _unique("the agents"), sessions.begin() as session:
         provider = _provider(session, provider_name)
         _refuse_existing(session, name, environment)
         agent = _insert_agent(session, vault, name=name, environment=environment,
@@ -403,7 +426,7 @@ def add_agent(
     credentials = ClientCredentials(client_id=client_id, auth_method=auth_method,
                                     secret=secret, private_jwk=private_jwk)
     now = clock.now()
-    with sessions.begin() as session:
+    with _unique("the agents"), sessions.begin() as session:
         provider = _provider(session, provider_name)
         _refuse_existing(session, name, environment)
         agent = _insert_agent(session, vault, name=name, environment=environment,
@@ -425,7 +448,7 @@ def _check_private_jwk(jwk: dict[str, Any]) -> dict[str, Any]:
         raise InvalidInput("the private key must be an RSA private JWK (with 'd')")
     try:
         public_jwk({**jwk, "kid": jwk.get("kid", "")})
-    except (ValueError, TypeError, KeyError) as exc:
+    except (JoseError, ValueError, TypeError, KeyError) as exc:
         raise InvalidInput(f"the private key is not a usable RSA JWK ({type(exc).__name__})"
                            ) from None
     if not jwk.get("kid"):
@@ -448,6 +471,8 @@ def list_agents(sessions: sessionmaker[Session], *, environment: str | None = No
 def rotate_key(
     sessions: sessionmaker[Session], vault: Vault, oauth: OAuthClient, clock: Clock, *,
     name: str, environment: str, public_url: str, operator: str,
+    grace_seconds: float = ROTATION_GRACE_SECONDS,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Rotation:
     """Replace a `private_key_jwt` agent's key without a moment where the AS refuses it.
 
@@ -455,10 +480,12 @@ def rotate_key(
        registration access token at once;
     2. prove the AS accepts the new key: a token request with a made-up code, signed with it,
        must fail on the code (`invalid_grant`), not on the client (`invalid_client`);
-    3. sign with the new key (stored sealed; the old one kept as retired);
-    4. publish the new key alone, and forget the old one.
-    A crash anywhere leaves a stored key the AS accepts; running the command again finishes
-    the job (an unfinished new key that was never stored is dropped at the next update).
+    3. sign with the new key (stored sealed; the old one kept as retired, still published);
+    4. wait `grace_seconds`, so that every worker, which caches agent credentials for up to
+       `AgentDirectory`'s TTL, signs with the new key, then publish the new key alone.
+    A crash anywhere leaves a stored key the AS accepts. Run again after a crash in step 4,
+    the command finishes that rotation (withdraws the retired key) instead of starting
+    another; a new key that was never stored is dropped by the next update.
     """
     with sessions() as session:
         row = session.execute(
@@ -483,30 +510,33 @@ def rotate_key(
             "token (RFC 7592), so its key cannot be updated from here; register the new "
             "public key by hand and record the client again with `behalf agent add`"
         )
-    old = credentials.private_jwk
-    new = new_private_jwk()
-
-    # 1. both keys published
-    doc = oauth.update_registration(
-        uri, token, _update_body(registration, client_id, [public_jwk(old), public_jwk(new)]))
-    token = str(doc.get("registration_access_token") or token)
-    _store_rotation(sessions, vault, clock, agent_id,
-                    replace(credentials, registration_access_token=token, retired_jwks=[]),
-                    doc)
-    # 2. the AS has the new key
-    _probe_key(oauth, endpoints, client_id, new, callback_url(public_url,
-                                                               CONNECT_CALLBACK_PATH))
-    # 3. sign with the new key; the old one stays published
-    _store_rotation(sessions, vault, clock, agent_id,
-                    replace(credentials, private_jwk=new, registration_access_token=token,
-                            retired_jwks=[old]), doc)
-    # 4. the old key withdrawn
-    doc = oauth.update_registration(uri, token,
-                                    _update_body(registration, client_id, [public_jwk(new)]))
-    token = str(doc.get("registration_access_token") or token)
+    if credentials.retired_jwks:  # an earlier rotation stopped before withdrawing its old key
+        old, new = credentials.retired_jwks[0], credentials.private_jwk
+    else:
+        old, new = credentials.private_jwk, new_private_jwk()
+        # 1. both keys published
+        registration = oauth.update_registration(
+            uri, token, _update_body(registration, client_id,
+                                     [public_jwk(old), public_jwk(new)]))
+        token = str(registration.get("registration_access_token") or token)
+        _store_rotation(sessions, vault, clock, agent_id,
+                        replace(credentials, registration_access_token=token),
+                        registration)
+        # 2. the AS has the new key
+        _probe_key(oauth, endpoints, client_id, new,
+                   callback_url(public_url, CONNECT_CALLBACK_PATH))
+        # 3. sign with the new key; the old one stays published
+        _store_rotation(sessions, vault, clock, agent_id,
+                        replace(credentials, private_jwk=new, registration_access_token=token,
+                                retired_jwks=[old]), registration)
+    # 4. once no worker can still be signing with it, the old key withdrawn
+    sleep(grace_seconds)
+    registration = oauth.update_registration(
+        uri, token, _update_body(registration, client_id, [public_jwk(new)]))
+    token = str(registration.get("registration_access_token") or token)
     final = replace(credentials, private_jwk=new, registration_access_token=token,
                     retired_jwks=[])
-    info = _store_rotation(sessions, vault, clock, agent_id, final, doc, audit_to=(
+    info = _store_rotation(sessions, vault, clock, agent_id, final, registration, audit_to=(
         operator, str(old.get("kid", "")), str(new.get("kid", ""))))
     return Rotation(agent=info, old_kid=str(old.get("kid", "")), new_kid=str(new["kid"]))
 
@@ -598,7 +628,7 @@ def register_signin_client(
         auth_method="client_secret_basic", grant_types=["authorization_code"],
     )
     now = clock.now()
-    with sessions.begin() as session:
+    with _unique("the sign-in client"), sessions.begin() as session:
         provider = _provider(session, provider_name)
         agent = _insert_agent(session, vault, name=SIGNIN_NAME_PREFIX + provider.name,
                               environment=environment, role=ROLE_SIGNIN, provider=provider,
@@ -625,7 +655,8 @@ def signin_client(sessions: sessionmaker[Session], vault: Vault,
             return None
         agent, provider = row._tuple()
         return SigninClient(
-            agent_id=agent.id, client_id=agent.client_id, issuer=provider.issuer,
+            agent_id=agent.id, provider_id=provider.id, client_id=agent.client_id,
+            issuer=provider.issuer,
             endpoints=Endpoints.from_metadata(provider.discovered),
             credentials=open_credentials(vault, agent),
         )

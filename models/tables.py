@@ -236,27 +236,46 @@ class AuditEvent(Base):
 
 
 class AuditHead(Base):
-    """The latest (seq, hash) of one chain; locked while appending to that chain."""
+    """The latest (seq, hash) of one chain; locked while appending to that chain.
+
+    `checkpointed_seq` is the seq the latest checkpoint recorded for this chain: a checkpoint
+    lists only the chains whose head moved since (`seq <> checkpointed_seq`).
+    """
 
     __tablename__ = "audit_heads"
 
     chain: Mapped[str] = mapped_column(String(64), primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+    checkpointed_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class AuditCheckpoint(Base):
-    """A signed digest of every chain head at one moment (tamper evidence across deletions)."""
+    """A signed digest of the chain heads that moved since the previous checkpoint.
+
+    Checkpoints form a chain of their own (`prev_digest`, unique: two concurrent checkpoints
+    cannot both follow the same one). `signature` is an HMAC-SHA256 of `digest` under a fresh
+    KMS data key whose wrapped form is `wrapped_key` (encryption context binds the digest).
+    A `base` checkpoint is written by pruning: its `heads` are where each pruned chain now
+    starts, and `detail.base_digest` names the last checkpoint the pruning removed.
+    """
 
     __tablename__ = "audit_checkpoints"
+    __table_args__ = (
+        UniqueConstraint("prev_digest", name="uq_audit_checkpoints_prev_digest"),
+    )
 
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
     created_at: Mapped[dt.datetime]
+    kind: Mapped[str] = mapped_column(String(20), default="periodic", server_default="periodic")
+    prev_digest: Mapped[str | None] = mapped_column(String(64))
     heads: Mapped[dict[str, Any]]
+    detail: Mapped[dict[str, Any] | None]
     digest: Mapped[str] = mapped_column(String(64))
     signature: Mapped[bytes] = mapped_column(LargeBinary)
+    wrapped_key: Mapped[bytes | None] = mapped_column(LargeBinary)
     key_id: Mapped[str] = mapped_column(String(255))
 
 
@@ -287,9 +306,16 @@ class OutboxMessage(Base):
 
 
 class ReauthLink(Base):
-    """A one-click re-authorisation link: only the hash of its token is kept."""
+    """A one-click re-authorisation link, one per mail: only the hash of its token is kept.
+
+    `kind` says why it was made (broken | reminder | operator, with `requested_by`);
+    `notified_at` and `delivery` (smtp | log | undeliverable | rejected | skipped) say how its
+    mail went; `used_at` is set by the repair it made, `invalidated_at` by any other repair or
+    a revocation.
+    """
 
     __tablename__ = "reauth_links"
+    __table_args__ = (Index("ix_reauth_links_user_created", "user_id", "created_at"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=_uuid)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
@@ -300,6 +326,9 @@ class ReauthLink(Base):
     used_at: Mapped[dt.datetime | None]
     invalidated_at: Mapped[dt.datetime | None]
     notified_at: Mapped[dt.datetime | None]
+    kind: Mapped[str] = mapped_column(String(20), default="broken", server_default="broken")
+    requested_by: Mapped[str | None] = mapped_column(String(200))
+    delivery: Mapped[str | None] = mapped_column(String(20))
 
 
 class AuthorizationRequest(Base):

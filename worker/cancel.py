@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from delegation.errors import RunCancelled
@@ -12,6 +13,7 @@ class CancelToken:
     def __init__(self) -> None:
         self._event = threading.Event()
         self._reason: str | None = None
+        self.cancelled_at: float | None = None
         self._callbacks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
 
@@ -29,6 +31,7 @@ class CancelToken:
             if self._event.is_set():
                 return
             self._reason = reason
+            self.cancelled_at = time.monotonic()
             self._event.set()
             callbacks = list(self._callbacks)
         for callback in callbacks:

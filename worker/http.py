@@ -18,6 +18,7 @@ import httpx
 
 from delegation.errors import BehalfError
 from delegation.token_source import TokenSource
+from worker.abort import abortable_transport
 from worker.cancel import CancelToken
 
 _ID_SEGMENT = re.compile(
@@ -51,7 +52,7 @@ class CallRecord:
     method: str
     path: str
     status: int | None = None
-    outcome: str = "attempted"  # attempted | completed | failed
+    outcome: str = "attempted"  # attempted | completed | failed | refused (never sent)
 
 
 CallRecorder = Callable[[CallRecord], None]
@@ -88,10 +89,16 @@ class DelegatedBearerAuth(httpx.Auth):
         if self._before_request is not None:
             self._before_request()
         call = CallRecord(uuid.uuid4(), request.method, path_template(request.url.path))
-        token = self._tokens.current(self._delegation_id)
-        request.headers["Authorization"] = f"Bearer {token.value}"
-        self._record(call)
+        self._record(call)  # durable before anything leaves: a killed worker leaves a trace
         finished = False
+        # The durable gate comes last, right before the request leaves: a revoke committed
+        # by now is seen here, not after some other I/O.
+        try:
+            token = self._tokens.current(self._delegation_id)
+        except BaseException:
+            self._record(CallRecord(call.call_id, call.method, call.path, None, "refused"))
+            raise
+        request.headers["Authorization"] = f"Bearer {token.value}"
         try:
             response = yield request
             if response.status_code == 401:
@@ -137,6 +144,9 @@ def build_client(
     """The client a job sees as `ctx.http`; cancelling the run closes its connections."""
     auth = DelegatedBearerAuth(tokens, delegation_id, api_base=api_base, cancel=cancel,
                                record=record, before_request=before_request)
+    if transport is None:
+        transport, backend = abortable_transport()
+        cancel.on_cancel(backend.abort)
     client = httpx.Client(base_url=api_base, auth=auth, transport=transport, timeout=timeout,
                           follow_redirects=False)
     cancel.on_cancel(client.close)

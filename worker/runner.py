@@ -14,6 +14,7 @@ import functools
 import logging
 import random
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -51,6 +52,10 @@ class RunnerConfig:
     heartbeat_seconds: float = 0.5
     grace_seconds: float = 5.0
     retry_base_seconds: float = 2.0
+    # What to do with a job that ignores cancellation past the grace period, after its run is
+    # recorded as stopped: in a prefork child, exit the process (the pool starts a fresh one);
+    # None leaves the stuck thread be (it can make no further API call).
+    on_stuck: Callable[[], None] | None = None
 
 
 class ActiveRuns:
@@ -125,6 +130,7 @@ class Runner:
         self._transport = transport
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
         self._on_finished = on_finished
+        self._audit = audit.AuditWriter(sessions, clock)
         self._before_request = before_request  # rate budget per (agent, provider)
 
     # --- the whole life of one delivery ---------------------------------------------------
@@ -277,6 +283,8 @@ class Runner:
             stop_heartbeat.set()
             self.active.remove(delegation_id, claimed.run_id)
             http.close()
+            self._audit.flush()
+            self._touch(delegation_id)
         return self._finish(claimed, RunStatus.SUCCEEDED, None, None)
 
     def _finish_cancelled(self, claimed: Claimed, reason: str) -> str:
@@ -314,29 +322,53 @@ class Runner:
                 cancel.cancel("delegation_broken")
             elif kept == 0:
                 cancel.cancel("run_taken_away")
+            if cancel.cancelled_at is not None and \
+                    time.monotonic() - cancel.cancelled_at > self._config.grace_seconds:
+                self._stop_hard(claimed, cancel)
+                return
+
+    def _stop_hard(self, claimed: Claimed, cancel: CancelToken) -> None:
+        """The job ignored cancellation for the whole grace period: record the run as stopped,
+        then (in a worker process) end the process so the stuck code goes with it."""
+        reason = cancel.reason or "cancelled"
+        detail = (f"stopped hard: the job ignored cancellation for "
+                  f"{self._config.grace_seconds:.0f} s")
+        status = RunStatus.PARKED if reason == "delegation_broken" else RunStatus.CANCELLED
+        log.warning("run %s (%s) %s", claimed.run_id, claimed.job, detail)
+        self._finish(claimed, status, reason, detail)
+        self._audit.flush()
+        if self._config.on_stuck is not None:
+            self._config.on_stuck()
 
     def _record_call(self, claimed: Claimed, agent_name: str, client_id: str,
                      call: CallRecord) -> None:
         action = {"attempted": "api:call:attempted", "completed": "api:call",
-                  "failed": "api:call:failed"}[call.outcome]
+                  "failed": "api:call:failed", "refused": "api:call:refused"}[call.outcome]
         detail: dict[str, Any] = {"method": call.method, "path": call.path,
                                   "call_id": str(call.call_id)}
         if call.status is not None:
             detail["status"] = call.status
+        record = audit.AuditRecord(
+            action=action, actor_type="agent", actor=agent_name,
+            user_id=claimed.user_id, user_subject=claimed.user_subject,
+            agent_name=agent_name, client_id=client_id,
+            delegation_id=claimed.delegation_id, run_id=claimed.run_id,
+            request_id=str(call.call_id), detail=detail,
+        )
+        if call.outcome == "attempted":
+            # durable (with anything buffered) before the request leaves the worker
+            self._audit.write_now(record)
+        else:
+            self._audit.write_later(record)  # batched: flushed with the next write, or soon
+
+    def _touch(self, delegation_id: uuid.UUID) -> None:
+        """Record "last used" once per run (not per call: no contention with a revoke)."""
         with self._sessions.begin() as session:
-            audit.append(session, audit.AuditRecord(
-                action=action, actor_type="agent", actor=agent_name,
-                user_id=claimed.user_id, user_subject=claimed.user_subject,
-                agent_name=agent_name, client_id=client_id,
-                delegation_id=claimed.delegation_id, run_id=claimed.run_id,
-                request_id=str(call.call_id), detail=detail,
-            ), self._clock.now())
-            if call.outcome == "completed" and claimed.delegation_id is not None:
-                session.execute(
-                    update(Delegation).where(Delegation.id == claimed.delegation_id)
-                    .values(last_used_at=self._clock.now())
-                    .execution_options(synchronize_session=False)
-                )
+            session.execute(
+                update(Delegation).where(Delegation.id == delegation_id)
+                .values(last_used_at=self._clock.now())
+                .execution_options(synchronize_session=False)
+            )
 
     def _retry_or_fail(self, claimed: Claimed, reason: str, detail: str,
                        retry_after: float | None) -> str:

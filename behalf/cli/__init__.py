@@ -7,12 +7,14 @@ import sys
 import click
 
 from behalf.cli.admin import keys, migrate
+from behalf.cli.audit import audit_group
 from behalf.cli.common import AppContext
+from behalf.cli.delegations import delegations, revoke
 from behalf.cli.dev import dev
 from behalf.cli.identity import agent, provider
 from behalf.cli.runs import run, runs
 from behalf.cli.scheduling import requeue, schedule, scheduler
-from behalf.cli.serve import api, worker
+from behalf.cli.serve import api, sandbox, worker
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,13 +30,17 @@ cli.add_command(keys)
 cli.add_command(api)
 cli.add_command(dev)
 cli.add_command(worker)
+cli.add_command(sandbox)
 cli.add_command(run)
 cli.add_command(runs)
+cli.add_command(delegations)
+cli.add_command(revoke)
 cli.add_command(schedule)
 cli.add_command(requeue)
 cli.add_command(scheduler)
 cli.add_command(provider)
 cli.add_command(agent)
+cli.add_command(audit_group)
 
 
 def main(args: list[str] | None = None) -> int:

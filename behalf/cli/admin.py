@@ -7,7 +7,8 @@ from typing import Any, cast
 
 import click
 
-from behalf.cli.common import AppContext, domain_errors, pass_app
+from behalf.cli.common import AppContext, domain_errors, operator_option, pass_app
+from delegation import audit
 from delegation import keys as key_rotation
 from delegation.kms import LocalKeyFile
 from models import migrate as migrations
@@ -37,9 +38,10 @@ def keys() -> None:
 @click.option("--to-key-id", default=None,
               help="KMS key to re-wrap under (default: BEHALF_KMS_KEY_ID; with the local "
                    "key file, a new local key is created).")
+@operator_option
 @pass_app
 @domain_errors
-def rotate(app: AppContext, to_key_id: str | None) -> None:
+def rotate(app: AppContext, to_key_id: str | None, operator: str) -> None:
     """Re-wrap every data key under a new key; sealed blobs are untouched. Resumable."""
     deps = app.deps
     provider = deps.keys
@@ -59,4 +61,8 @@ def rotate(app: AppContext, to_key_id: str | None) -> None:
         done = key_rotation.rotate(
             deps.sessions, deps.vault, to_key_id, progress=cast(Any, bar).update
         )
+    with deps.sessions.begin() as session:
+        audit.append(session, audit.AuditRecord(
+            action="keys:rotated", actor_type="operator", actor=operator,
+            detail={"to_key_id": to_key_id, "rewrapped": done}), deps.clock.now())
     click.echo(f"re-wrapped {done} data keys under {to_key_id}")

@@ -36,3 +36,38 @@ def worker(app: AppContext, concurrency: int, pool: str) -> None:
             "set a redis:// or amqp:// URL for a separate worker"
         )
     run_worker(deps, concurrency=concurrency, pool=pool)
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--issuer", default="http://127.0.0.1:9000", show_default=True,
+              help="The sandbox AS's public URL (its port is the one served).")
+@click.option("--api-base", default="http://127.0.0.1:9001", show_default=True,
+              help="The sandbox API's public URL (another port).")
+@click.option("--data", "data", default=".behalf/sandbox.sqlite3", show_default=True,
+              type=click.Path(dir_okay=False), help="Where the sandbox keeps its state.")
+def sandbox(host: str, issuer: str, api_base: str, data: str) -> None:
+    """Serve only the sandbox AS and API (for trying behalf without an AS of your own; never
+    for production)."""
+    import asyncio
+    from pathlib import Path
+
+    from behalf.sandbox import create_sandbox
+
+    try:
+        box = create_sandbox(issuer=issuer, api_base=api_base, database_path=Path(data),
+                             http_anywhere=host != "127.0.0.1")
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    Path(data).parent.mkdir(parents=True, exist_ok=True)
+    servers = [uvicorn.Server(config) for config in box.uvicorn_configs(host)]
+    click.echo(f"sandbox AS at {issuer}, sandbox API at {api_base} (demo users alice, bob; "
+               "password demo)")
+
+    async def serve_all() -> None:
+        await asyncio.gather(*(server.serve() for server in servers))
+
+    try:
+        asyncio.run(serve_all())
+    finally:
+        box.close()

@@ -62,19 +62,20 @@ class Sandbox:
         """Every call the API received, oldest first (token digests only)."""
         return self._store.calls()
 
-    def uvicorn_configs(self) -> tuple[uvicorn.Config, uvicorn.Config]:
-        """Configs serving `auth_app` and `api_app` on 127.0.0.1 at the ports of their URLs."""
+    def uvicorn_configs(self, host: str = BIND_HOST) -> tuple[uvicorn.Config, uvicorn.Config]:
+        """Configs serving `auth_app` and `api_app` (on 127.0.0.1 unless told otherwise, e.g.
+        inside a container) at the ports of their URLs."""
         return (
             uvicorn.Config(
                 self.auth_app,
-                host=BIND_HOST,
+                host=host,
                 port=_port(self.issuer),
                 lifespan="off",
                 log_level="warning",
             ),
             uvicorn.Config(
                 self.api_app,
-                host=BIND_HOST,
+                host=host,
                 port=_port(self.api_base),
                 lifespan="off",
                 log_level="warning",
@@ -93,6 +94,7 @@ def create_sandbox(
     database_path: Path | None,
     clock: Clock = time.time,
     access_token_ttl: int = 300,
+    http_anywhere: bool = False,
 ) -> Sandbox:
     """Build the sandbox AS and API.
 
@@ -102,8 +104,8 @@ def create_sandbox(
     without, it lives in memory. `clock` gives the time for token expiry; `access_token_ttl` is
     the access tokens' lifetime in seconds.
     """
-    issuer = _origin(issuer, "issuer")
-    api_base = _origin(api_base, "api_base")
+    issuer = _origin(issuer, "issuer", http_anywhere)
+    api_base = _origin(api_base, "api_base", http_anywhere)
     if issuer == api_base:
         raise ValueError("issuer and api_base must be two different origins (two ports)")
     if access_token_ttl <= 0:
@@ -137,13 +139,13 @@ def _new_signing_jwk() -> str:
     return json.dumps(key.as_dict(private=True))
 
 
-def _origin(url: str, name: str) -> str:
+def _origin(url: str, name: str, http_anywhere: bool = False) -> str:
     parts = urlsplit(url.rstrip("/"))
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{name} must be an http(s) URL, got {url!r}")
     if parts.path or parts.query or parts.fragment:
         raise ValueError(f"{name} must be an origin without path, query or fragment, got {url!r}")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not http_anywhere and not _is_loopback(parts.hostname):
         raise ValueError(
             f"{name} may use http only on loopback (127.0.0.1, localhost), got {url!r}"
         )

@@ -32,3 +32,12 @@ def loop(ctx: JobContext) -> None:
     for _ in range(10_000):
         ctx.http.get("/v2/reports").raise_for_status()
         ctx.sleep(0.05)
+
+
+@agent_job("stuck", agent="reporter", scopes={"reports:read"})
+def stuck(ctx: JobContext) -> None:
+    """One call, then a minute in its own code, never looking at cancellation."""
+    ctx.http.get("/v2/reports").raise_for_status()
+    until = time.monotonic() + 60
+    while time.monotonic() < until:
+        time.sleep(0.05)
