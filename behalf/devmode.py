@@ -234,5 +234,7 @@ class DevServer:
             "  4. revoke      press Revoke on /grants while the job runs: it stops at once",
             "  5. break it    'break' the grant on the sandbox admin page; the next refresh",
             "                 gets invalid_grant, the delegation turns broken and its runs park",
+            "  6. re-auth     the mail to the user is printed in this log (no SMTP in dev):",
+            "                 open its link, sign in, Allow - the parked run runs again",
             "",
         ])

@@ -103,6 +103,7 @@ def build_runner(deps: Deps, *, exit_when_stuck: bool = False) -> Runner:
         jobs=registry,
         clock=deps.clock,
         config=RunnerConfig(worker_id=f"{socket.gethostname()}:{os.getpid()}",
+                            lease_seconds=deps.settings.run_lease_seconds,
                             on_stuck=(lambda: os._exit(70)) if exit_when_stuck else None),
         transport=deps.extras.get("api_transport"),
         before_request=request_gate(deps).before_request,

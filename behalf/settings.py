@@ -141,6 +141,9 @@ class Settings:
         0.0, _rate, "requests/s per provider (AS + API), shared by the fleet; 0 = no limit"
     )
     agent_rate_limit: float = _var(0.0, _rate, "requests/s per agent, shared; 0 = no limit")
+    run_lease_seconds: int = _var(
+        60, _positive_int, "a running run's lease; a lost worker's run is re-queued after it"
+    )
     rate_limit_max_wait: int = _var(
         30, _positive_int, "longest wait for a rate budget before a job is retried later"
     )

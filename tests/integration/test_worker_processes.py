@@ -133,3 +133,45 @@ def test_a_duplicate_delivery_runs_the_job_body_once(
     assert [c["path"] for c in calls] == ["/v2/reports", "/v2/calendar"]
     with pg_sessions() as s:
         assert s.get(JobRun, run_id).attempts == 1
+
+
+def test_a_run_whose_worker_process_is_sigkilled_completes_exactly_once(
+    pg_sessions, redis_url, key_file, worker_env, processes, oidc_provider
+):
+    import os
+    import signal
+
+    from tests.integration.test_revocation import child_pids
+
+    vault = Vault(LocalKeyFile(key_file, warn=False))
+    world = make_world(pg_sessions, vault, redis_url, oidc_provider)
+    credentials, endpoints = register_agent(world, oidc_provider)
+    user_id, _, _ = connect_user(world, oidc_provider, credentials, endpoints, "alice")
+    oidc_provider.reset_api_calls()
+    # Given a worker with short run leases, and a scheduler that recovers lost runs
+    processes.base_env = dict(worker_env, SAMPLE_JOB_SLOW_SECONDS="4",
+                              BEHALF_RUN_LEASE_SECONDS="2")
+    worker = processes.start("worker", "--concurrency", "1")
+    processes.start("scheduler", "--interval", "1s", "--no-sweep")
+    with world.sessions.begin() as s:
+        run_id = queue_run(s, job="slow", user_id=user_id, agent_id=world.agent_id,
+                           now=world.clock.now()).id
+    # When the job process is SIGKILLed after its first call, in the middle of its run
+    assert wait_until(lambda: len(oidc_provider.api_calls()) >= 1, 60), processes.logs()[-2000:]
+    (child,) = child_pids(worker.pid)
+    os.kill(child, signal.SIGKILL)
+
+    # Then the run is recovered after its lease and completes, once
+    def succeeded():
+        with pg_sessions() as s:
+            return s.get(JobRun, run_id).status == "succeeded"
+
+    assert wait_until(succeeded, 90), processes.logs()[-3000:]
+    time.sleep(2)
+    with pg_sessions() as s:
+        row = s.get(JobRun, run_id)
+        assert (row.status, row.attempts) == ("succeeded", 2)
+    paths = [c["path"] for c in oidc_provider.api_calls()]
+    assert paths.count("/v2/calendar") == 1  # the second half ran once, in the second attempt
+    assert paths.count("/v2/reports") == 2  # the first attempt's call, then the retry's
+    assert worker.poll() is None
