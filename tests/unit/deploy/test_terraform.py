@@ -118,21 +118,6 @@ def test_the_aws_provider_is_pinned(config: dict[str, list[dict[str, Any]]]) -> 
     assert terraform.get("required_version")
 
 
-def test_terraform_fmt() -> None:
-    terraform = shutil.which("terraform")
-    if terraform is None:
-        pytest.skip("terraform is not installed (formatting only; the other checks still run)")
-    result = subprocess.run(
-        [terraform, "fmt", "-check", "-recursive", "-no-color"],
-        cwd=TERRAFORM_DIR,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, f"terraform fmt would change: {result.stdout}"
-
-
 # --- what behalf is told ------------------------------------------------------------------------
 
 
