@@ -173,6 +173,9 @@ class DevServer:
         app = celery_app(self.deps, with_runner=True, share_deps=True)
         holder = self.deps.extras["runner_holder"]
         holder.get()  # runner + revocation listener, on these very deps
+        # the thread pool looks tasks up on Celery's default app (`celery worker` sets it;
+        # a bare WorkController does not)
+        app.set_default()
         self._worker = WorkController(app=app, pool_cls="threads", concurrency=4,
                                       queues=[QUEUE], without_heartbeat=True,
                                       without_mingle=True, without_gossip=True,

@@ -62,11 +62,14 @@ def create_celery(broker_url: str, *, runner: RunnerHolder | None = None,
         enable_utc=True,
     )
 
-    @app.task(name=RUN_JOB, ignore_result=True)  # type: ignore[untyped-decorator]
+    if runner is None:
+        return app  # a publisher: it sends RUN_JOB by name and never runs it
+
+    # not shared: Celery would otherwise offer this task to every app in the process, and which
+    # app's copy a worker ends up with would depend on set order
+    @app.task(name=RUN_JOB, ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
     def run_job(run_id: str) -> None:
         """Wake-up for run `run_id`; the runner claims it or exits (duplicate delivery)."""
-        if runner is None:
-            raise RuntimeError("this Celery app was built without a runner (publisher only)")
         try:
             parsed = uuid.UUID(str(run_id))
         except ValueError:
