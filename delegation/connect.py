@@ -237,7 +237,8 @@ class Connector:
         return self._start(
             purpose=PURPOSE_SIGNIN, endpoints=client.endpoints, client_id=client.client_id,
             provider_id=client.provider_id, agent_id=client.agent_id, expected_user_id=None,
-            scopes=["openid"], nonce=True, browser=browser, redirect_uri=self.signin_redirect_uri,
+            scopes=list(client.scopes), nonce=True, browser=browser,
+            redirect_uri=self.signin_redirect_uri,
             return_to=safe_return_to(return_to),
         )
 
@@ -254,11 +255,13 @@ class Connector:
             if not exchange.id_token:
                 raise ConnectRefused("no_identity", "The authorization server sent no ID "
                                      "token, so we cannot tell who you are.")
-            subject = self._validated_subject(client.endpoints, client.client_id,
-                                              exchange.id_token, pending.nonce)
+            claims = self._validated_claims(client.endpoints, client.client_id,
+                                            exchange.id_token, pending.nonce)
+            subject = str(claims["sub"])
         except ConnectRefused:
             self._discard(client.endpoints, client.credentials, exchange.tokens)
             raise
+        email = self._verified_email(client.endpoints, exchange.tokens, claims)
         if exchange.tokens.refresh_token:  # never wanted for a sign-in: do not leave it live
             self._discard(client.endpoints, client.credentials, exchange.tokens)
         now = self._clock.now()
@@ -271,6 +274,8 @@ class Connector:
                             created_at=now)
                 session.add(user)
                 session.flush()
+            if email is not None and user.email != email:
+                user.email = email  # where re-authorisation mails go
             audit.append(session, audit.AuditRecord(
                 action="user:session:signed_in", actor_type="user", actor=subject,
                 user_id=user.id, user_subject=subject, client_id=client.client_id,
@@ -517,8 +522,27 @@ class Connector:
                 "provider_error", "The authorization server's answer could not be used. "
                 "Nothing was saved.", status=502, agent=agent) from None
 
+    def _verified_email(self, endpoints: Endpoints, tokens: TokenSet,
+                        claims: dict[str, Any]) -> str | None:
+        """The user's address, only when the AS says it is verified (ID token, else
+        userinfo for the same subject); None otherwise. Never a reason to refuse sign-in."""
+        found = _verified(claims)
+        if found is not None or not endpoints.userinfo_endpoint:
+            return found
+        try:
+            info = self._oauth.userinfo(endpoints, tokens.access_token)
+        except BehalfError:
+            return None
+        if info.get("sub") != claims.get("sub"):
+            return None
+        return _verified(info)
+
     def _validated_subject(self, endpoints: Endpoints, client_id: str, id_token: str,
                            nonce: str | None) -> str:
+        return str(self._validated_claims(endpoints, client_id, id_token, nonce)["sub"])
+
+    def _validated_claims(self, endpoints: Endpoints, client_id: str, id_token: str,
+                          nonce: str | None) -> dict[str, Any]:
         try:
             claims = self._oauth.validate_id_token(endpoints, id_token, client_id=client_id,
                                                    nonce=nonce)
@@ -539,7 +563,7 @@ class Connector:
         if not isinstance(subject, str) or not subject or len(subject) > 255:
             raise ConnectRefused("id_token_invalid", "The ID token names nobody. Nothing "
                                  "was saved.", status=502)
-        return subject
+        return claims
 
     def _userinfo_subject(self, endpoints: Endpoints, tokens: TokenSet) -> str:
         if not endpoints.userinfo_endpoint:
@@ -688,3 +712,12 @@ class Connector:
         except BehalfError as exc:
             log.info("could not revoke a refused grant's token at the AS: %s",
                      type(exc).__name__)
+
+
+def _verified(claims: dict[str, Any]) -> str | None:
+    email = claims.get("email")
+    if claims.get("email_verified") is not True or not isinstance(email, str):
+        return None
+    if "@" not in email or len(email) > 320 or any(c in email for c in "\r\n<>,;"):
+        return None
+    return email

@@ -145,6 +145,7 @@ class SigninClient:
     issuer: str
     endpoints: Endpoints
     credentials: ClientCredentials
+    scopes: tuple[str, ...] = ("openid",)
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -622,9 +623,12 @@ def register_signin_client(
                                f"environment {environment!r}")
             return _agent_info(agent, name)
         endpoints = Endpoints.from_metadata(provider.discovered)
+        # `email` too where offered: the re-authorisation mail needs the user's address
+        signin_scopes = ["openid"] + (
+            ["email"] if "email" in provider.discovered.get("scopes_supported", []) else [])
     credentials, registration = oauth.register(
         endpoints, client_name=f"behalf sign-in ({environment})",
-        redirect_uris=[callback_url(public_url, SIGNIN_CALLBACK_PATH)], scopes=["openid"],
+        redirect_uris=[callback_url(public_url, SIGNIN_CALLBACK_PATH)], scopes=signin_scopes,
         auth_method="client_secret_basic", grant_types=["authorization_code"],
     )
     now = clock.now()
@@ -632,7 +636,7 @@ def register_signin_client(
         provider = _provider(session, provider_name)
         agent = _insert_agent(session, vault, name=SIGNIN_NAME_PREFIX + provider.name,
                               environment=environment, role=ROLE_SIGNIN, provider=provider,
-                              credentials=credentials, scopes=["openid"], required=["openid"],
+                              credentials=credentials, scopes=signin_scopes, required=["openid"],
                               registration=registration, now=now)
         audit.append(session, audit.AuditRecord(
             action="provider:signin:registered", actor_type="operator", actor=operator,
@@ -659,4 +663,5 @@ def signin_client(sessions: sessionmaker[Session], vault: Vault,
             issuer=provider.issuer,
             endpoints=Endpoints.from_metadata(provider.discovered),
             credentials=open_credentials(vault, agent),
+            scopes=tuple(agent.scopes or ["openid"]),
         )

@@ -414,3 +414,13 @@ def test_the_cli_registers_an_agent_that_users_can_connect(
     world.sign_in(alice, "alice")
     assert world.connect(alice, "alice", agent="cli-agent").status_code == 303
     world.tokens(world.delegations()[0])
+
+
+def test_sign_in_records_the_users_verified_email_for_mails(
+        world: ConnectWorld, alice: httpx.Client) -> None:
+    # re-authorisation mails go to this address; the AS vouches for it (email_verified)
+    from models import User
+
+    with world.sessions() as s:
+        user = s.scalars(select(User).where(User.subject == "alice")).one()
+    assert user.email == "alice@example.test"

@@ -26,9 +26,10 @@ def test_connect_see_the_grant_revoke_see_it_revoked(world: ConnectWorld, page: 
     page.fill("#login", "alice")
     page.fill("#password", "pass")
     page.click("#submit")
-    # Signing in to behalf asks only for openid.
+    # Signing in to behalf asks only for who she is: openid, and email (where mails go).
     assert page.inner_text("#client").startswith("behalf sign-in")
-    assert page.locator("input[name=scope]:not([disabled])").count() == 0
+    offered = page.locator("input[name=scope]:not([disabled])")
+    assert [offered.nth(i).get_attribute("value") for i in range(offered.count())] == ["email"]
     page.click("#allow")
 
     # Back at behalf, signed in, the connect continues: the AS asks her about the agent.
