@@ -39,6 +39,7 @@ from delegation.vault import DataKeyCache, Vault
 from models import AuditEvent, AuditHead, JobRun
 from models.session import make_engine, make_session_factory
 from tests.support.audit import call_record, event_id, tamper, write_trail
+from tests.support.databases import BROKER_TEST_URL
 from tests.support.real_world import connect_user, make_world, register_agent
 from worker.http import CallRecord, path_template
 from worker.jobs import JobSpec
@@ -184,7 +185,7 @@ def test_a_worker_killed_with_its_request_in_flight_leaves_the_call_in_the_trail
     world = make_world(pg_sessions, vault, redis_url, oidc_provider)
     credentials, endpoints = register_agent(world, oidc_provider)
     user_id, _, _ = connect_user(world, oidc_provider, credentials, endpoints, "alice")
-    broker = "redis://127.0.0.1:6379/7"
+    broker = BROKER_TEST_URL
     import redis as redis_lib
 
     redis_lib.Redis.from_url(broker).flushdb()

@@ -20,12 +20,13 @@ from delegation.store import AgentDirectory
 from delegation.vault import Vault
 from models import AuditEvent, Delegation, JobRun, OutboxMessage
 from tests.integration.test_worker_processes import publish_pending, wait_until
+from tests.support.databases import BROKER_TEST_URL
 from tests.support.oidc_provider import sha256_hex
 from tests.support.real_world import connect_user, make_world, register_agent
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-BROKER = "redis://127.0.0.1:6379/8"
+BROKER = BROKER_TEST_URL
 
 
 @pytest.fixture

@@ -14,12 +14,13 @@ from delegation.kms import LocalKeyFile
 from delegation.runs import queue_run
 from delegation.vault import Vault
 from models import Delegation, JobRun
+from tests.support.databases import BROKER_TEST_URL
 from tests.support.real_world import connect_user, make_world, register_agent
 from worker.celery_app import create_celery, publish_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-BROKER = "redis://127.0.0.1:6379/8"
+BROKER = BROKER_TEST_URL
 
 
 @pytest.fixture
