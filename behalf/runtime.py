@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -145,17 +146,28 @@ def celery_app(deps: Deps, *, with_runner: bool = False, share_deps: bool = Fals
     return app
 
 
-def run_worker(deps: Deps, *, concurrency: int, pool: str = "prefork") -> None:
-    """Start a Celery worker whose processes each build their runtime after the fork."""
-    from celery.signals import worker_process_init
+def run_worker(deps: Deps, *, concurrency: int, pool: str = "prefork",
+               metrics: tuple[str, int] | None = None) -> None:
+    """Start a Celery worker whose processes each build their runtime after the fork; with
+    `metrics` ((host, port)), serve the Prometheus metrics of all of its processes there."""
+    from celery.signals import worker_process_init, worker_process_shutdown
 
     app = celery_app(deps, with_runner=True, exit_when_stuck=pool == "prefork")
     holder: RunnerHolder = deps.extras["runner_holder"]
+    if metrics is not None:
+        serve_worker_metrics(*metrics)
 
     @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
     def _init_child(**_: Any) -> None:
         holder.reset()
         holder.get()
+
+    @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _child_gone(pid: int | None = None, **_: Any) -> None:
+        if metrics is not None and multiprocess_metrics_dir() is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid or os.getpid())  # type: ignore[no-untyped-call]
 
     if pool != "prefork":
         holder.get()
@@ -163,3 +175,33 @@ def run_worker(deps: Deps, *, concurrency: int, pool: str = "prefork") -> None:
                         loglevel=deps.settings.log_level, without_heartbeat=True,
                         without_mingle=True, without_gossip=True)
     worker.start()
+
+
+METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_metrics_dir() -> Path | None:
+    """Where job processes leave their metrics for the worker to serve (prometheus_client's
+    multiprocess mode: the variable must be set before the library is imported, so it comes
+    from the environment, never from here)."""
+    raw = os.environ.get(METRICS_DIR_VARIABLE)
+    return Path(raw) if raw else None
+
+
+def serve_worker_metrics(host: str, port: int) -> None:
+    """Serve /metrics for the worker: every job process's figures summed (multiprocess mode),
+    or this process's own when it is the only one (threads or solo pool)."""
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    directory = multiprocess_metrics_dir()
+    if directory is None:
+        start_http_server(port, addr=host)
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    mine = f"_{os.getpid()}.db"
+    for stale in directory.glob("*.db"):  # a previous worker's figures are not ours
+        if not stale.name.endswith(mine):
+            stale.unlink(missing_ok=True)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    start_http_server(port, addr=host, registry=registry)

@@ -6,7 +6,7 @@ import click
 import uvicorn
 
 from behalf.cli.common import AppContext, pass_app
-from behalf.runtime import run_worker
+from behalf.runtime import METRICS_DIR_VARIABLE, multiprocess_metrics_dir, run_worker
 from behalf.web import build_api
 
 
@@ -26,8 +26,13 @@ def api(app: AppContext, host: str, port: int) -> None:
               help="Worker processes.")
 @click.option("--pool", default="prefork", show_default=True,
               type=click.Choice(["prefork", "threads", "solo"]))
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve Prometheus metrics of every job process on this port (prefork: "
+                   "set PROMETHEUS_MULTIPROC_DIR to an empty directory).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True)
 @pass_app
-def worker(app: AppContext, concurrency: int, pool: str) -> None:
+def worker(app: AppContext, concurrency: int, pool: str, metrics_port: int | None,
+           metrics_host: str) -> None:
     """Run agent jobs: a Celery worker with the revocation listener in every process."""
     deps = app.deps
     if deps.settings.broker_url == "memory://":
@@ -35,7 +40,13 @@ def worker(app: AppContext, concurrency: int, pool: str) -> None:
             "BEHALF_BROKER_URL: the in-memory broker only works inside `behalf dev`; "
             "set a redis:// or amqp:// URL for a separate worker"
         )
-    run_worker(deps, concurrency=concurrency, pool=pool)
+    if metrics_port is not None and pool == "prefork" and multiprocess_metrics_dir() is None:
+        raise click.UsageError(
+            f"{METRICS_DIR_VARIABLE}: --metrics-port with the prefork pool needs it set to an "
+            "empty directory the job processes can write (their figures meet there)"
+        )
+    run_worker(deps, concurrency=concurrency, pool=pool,
+               metrics=None if metrics_port is None else (metrics_host, metrics_port))
 
 
 @click.command()

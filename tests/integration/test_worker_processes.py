@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
+import httpx
 import pytest
 import redis as redis_lib
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from delegation import outbox
@@ -176,3 +179,54 @@ def test_a_run_whose_worker_process_is_sigkilled_completes_exactly_once(
     assert paths.count("/v2/calendar") == 1  # the second half ran once, in the second attempt
     assert paths.count("/v2/reports") == 2  # the first attempt's call, then the retry's
     assert worker.poll() is None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_prefork_worker_serves_the_budget_waits_of_its_job_processes(
+    pg_sessions, redis_url, key_file, worker_env, processes, oidc_provider, tmp_path
+):
+    # Given an agent budget of 2 requests/s and a worker whose job processes report metrics
+    vault = Vault(LocalKeyFile(key_file, warn=False))
+    world = make_world(pg_sessions, vault, redis_url, oidc_provider)
+    credentials, endpoints = register_agent(world, oidc_provider)
+    users = [connect_user(world, oidc_provider, credentials, endpoints, f"user{i}")[0]
+             for i in range(2)]
+    port = free_port()
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_999999.db").write_bytes(b"stale")  # a previous worker's file
+    processes.base_env = dict(worker_env, SAMPLE_JOB_STRESS_SECONDS="3",
+                              BEHALF_AGENT_RATE_LIMIT="2",
+                              PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    processes.start("worker", "--concurrency", "2", "--metrics-port", str(port))
+    # When two jobs call the API as fast as the budget lets them
+    with world.sessions.begin() as s:
+        runs = [queue_run(s, job="stress", user_id=u, agent_id=world.agent_id,
+                          now=world.clock.now()).id for u in users]
+    publish_pending(pg_sessions, worker_env["BEHALF_BROKER_URL"])
+
+    def finished():
+        with pg_sessions() as s:
+            return all(s.get(JobRun, r).status == "succeeded" for r in runs)
+
+    assert wait_until(finished, 60), processes.logs()[-3000:]
+    # Then the worker's /metrics shows the waits observed in its job processes
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    samples = {f"{s.name}{sorted(s.labels.items())}": s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    key = "behalf_rate_budget_wait_seconds_{}[('kind', 'agent'), ('purpose', 'request')]"
+    assert samples[key.format("count")] >= 6, text
+    assert samples[key.format("sum")] > 0.5, text  # 2 jobs sharing 2/s: somebody waited
+    assert not (metrics_dir / "counter_999999.db").exists()
+
+
+def test_a_prefork_worker_refuses_metrics_without_a_directory(worker_env, processes):
+    processes.base_env = worker_env
+    worker = processes.start("worker", "--metrics-port", str(free_port()))
+    assert worker.wait(timeout=30) == 2
+    assert "PROMETHEUS_MULTIPROC_DIR" in processes.logs()
