@@ -70,13 +70,14 @@ class Loop:
         return self.world.sessions
 
     def connect(self, username: str = "alice") -> uuid.UUID:
-        """`username` connects the agent (httpx), and behalf knows their address."""
+        """`username` connects the agent (httpx); signing in told behalf their verified
+        address (the AS's `email` claim), where the mail will go."""
         b = self.world.browser()
         self.world.sign_in(b, username)
         assert self.world.connect(b, username).status_code == 303
         with self.sessions.begin() as s:
-            s.execute(update(User).where(User.subject == username)
-                      .values(email=f"{username}@example.test"))
+            assert s.scalar(select(User.email).where(User.subject == username)) \
+                == f"{username}@example.test"
             row = s.scalars(select(Delegation).join(User, Delegation.user_id == User.id)
                             .where(User.subject == username)).one()
         self.world.tokens(row)  # (for the leak scan)
