@@ -27,6 +27,7 @@ from delegation.clock import FrozenClock
 from models import JobRun, OutboxMessage, Schedule
 from scheduler import schedules
 from scheduler.tick import tick
+from tests.support.overrides import override
 from tests.support.scheduling import (
     add_schedules,
     count,
@@ -209,7 +210,7 @@ def test_pause_resume_backfill_and_overlap_on_postgresql(pg_sessions):
 
 # The scheduler processes' own Redis database (broker and locks): workers started by other
 # tests on the shared test database must not consume the messages counted here.
-BROKER_URL = os.environ.get("BEHALF_TEST_SCHEDULER_BROKER_URL", "redis://127.0.0.1:6379/11")
+BROKER_URL = override("SCHEDULER_BROKER_URL", "redis://127.0.0.1:6379/11")
 
 
 @pytest.fixture

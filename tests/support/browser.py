@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
+from tests.support.overrides import override
 from tests.support.services import unavailable
 
-CHROMIUM = os.environ.get("BEHALF_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = override("CHROMIUM", "/usr/bin/chromium")
 LAUNCH_ARGS = [
     "--headless",
     "--no-sandbox",

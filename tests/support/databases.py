@@ -17,12 +17,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from models import Base
 from models import migrate as migrations
 from models.session import make_engine, make_session_factory
+from tests.support.overrides import override
 from tests.support.services import unavailable
 
-PG_ADMIN_URL = os.environ.get("BEHALF_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_TEST_URL = os.environ.get("BEHALF_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+PG_ADMIN_URL = override("PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_TEST_URL = override("REDIS_URL", "redis://127.0.0.1:6379/9")
 # the Celery broker of tests that start worker processes (its own database: they flush it)
-BROKER_TEST_URL = os.environ.get("BEHALF_TEST_BROKER_URL", "redis://127.0.0.1:6379/8")
+BROKER_TEST_URL = override("BROKER_URL", "redis://127.0.0.1:6379/8")
 
 
 def _pg_url(database: str) -> str:
