@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from api import audit, auth, connect, grants, health, logs, ops, reauth
 from api.browser import SessionCookie
@@ -26,6 +27,14 @@ def create_app(deps: ApiDeps) -> FastAPI:
     )
     services = Services(deps=deps, connector=connector,
                         cookie=SessionCookie(deps.secret_key, deps.cookies))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 saying where and what is wrong, without echoing the input: a request's values
+        (a pasted token, a megabyte of padding) are not ours to reflect."""
+        return JSONResponse(status_code=422, content={"detail": [
+            {"loc": list(error.get("loc", ())), "msg": str(error.get("msg", "")),
+             "type": str(error.get("type", ""))} for error in exc.errors()]})
 
     @app.get("/", include_in_schema=False)
     def index(request: Request) -> Response:

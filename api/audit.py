@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel, BeforeValidator
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.common import PLAIN_TEXT
 from delegation import audit
 from models import AuditEvent
 
@@ -79,10 +80,29 @@ def _sessions(request: Request) -> sessionmaker[Session]:
     return sessions
 
 
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _iso_only(value: object) -> object:
+    """Refuse what pydantic would also take for a date-time (a number of seconds since 1970):
+    the schema promises ISO 8601, and a client sending anything else has a bug."""
+    if isinstance(value, str) and not _ISO_DATE.match(value):
+        raise ValueError("expected an ISO 8601 date-time, e.g. 2026-01-31T00:00:00Z")
+    return value
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    """In UTC (no zone means UTC); a moment outside the calendar in UTC is refused (422)
+    rather than overflowing while the query is built."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError("date-time out of range") from None
+
+
+IsoDateTime = Annotated[dt.datetime, BeforeValidator(_iso_only), AfterValidator(_utc)]
 
 
 router = APIRouter(tags=["audit"])
@@ -93,11 +113,11 @@ router = APIRouter(tags=["audit"])
 def audit_trail(
     viewer: Annotated[Viewer, Depends(signed_in_user)],
     sessions: Annotated[sessionmaker[Session], Depends(_sessions)],
-    agent: Annotated[str | None, Query(max_length=255,
+    agent: Annotated[str | None, Query(max_length=255, pattern=PLAIN_TEXT,
                                        description="agent name or client_id")] = None,
-    since: Annotated[dt.datetime | None, Query(description="from (ISO 8601; UTC if no zone)")]
+    since: Annotated[IsoDateTime | None, Query(description="from (ISO 8601; UTC if no zone)")]
     = None,
-    until: Annotated[dt.datetime | None, Query(description="before (ISO 8601)")] = None,
+    until: Annotated[IsoDateTime | None, Query(description="before (ISO 8601)")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(max_length=40,
                                         description="next_cursor of the previous page")] = None,
@@ -105,8 +125,8 @@ def audit_trail(
     """What was done as the signed-in user — by which agent (and client_id), or by whom when
     it was not the agent — newest first. Never a token, code, secret or request body."""
     chain = audit.chain_of(viewer.user_id)
-    query = audit.filtered(select(AuditEvent), chains=[chain], agent=agent, since=_utc(since),
-                           until=_utc(until))
+    query = audit.filtered(select(AuditEvent), chains=[chain], agent=agent, since=since,
+                           until=until)
     if cursor is not None:
         if not _CURSOR.match(cursor):
             raise HTTPException(status_code=400, detail="bad cursor")

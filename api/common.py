@@ -21,6 +21,7 @@ from delegation.connect import (
     Connector,
     ConnectRefused,
 )
+from delegation.providers import NAME_PATTERN
 from models import User
 
 log = logging.getLogger("api")
@@ -28,6 +29,11 @@ log = logging.getLogger("api")
 MAX_QUERY_LENGTH = 8192
 MAX_FORM_BYTES = 4096
 FORM_TYPE = "application/x-www-form-urlencoded"
+# Free text a request may carry (an operator's name, an agent name or client_id to filter
+# by): no control characters, so nothing can forge a log line or reach PostgreSQL as a NUL
+# (which it refuses with an error). As a JSON-schema pattern, published in /openapi.json.
+PLAIN_TEXT = r"^[^\x00-\x1f\x7f]*$"
+AGENT_NAME = f"^{NAME_PATTERN.pattern}$"  # anchored for the schema
 _CALLBACK_LIMITS = {
     "state": 128, "code": MAX_CODE_LENGTH, "iss": 500, "error": 100,
     "error_description": MAX_PARAM_LENGTH, "error_uri": MAX_PARAM_LENGTH,

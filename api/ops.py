@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.common import AGENT_NAME, PLAIN_TEXT
 from delegation.clock import Clock, SystemClock
 from delegation.requeue import Actor, RequeueError, requeue
 from models import Agent, Delegation, DelegationStatus, JobRun, RunStatus, User
@@ -39,7 +40,14 @@ def require_operator(request: Request) -> None:
                             headers={"WWW-Authenticate": 'Bearer realm="behalf-ops"'})
 
 
-router = APIRouter(prefix="/api/ops", tags=["ops"], dependencies=[Depends(require_operator)])
+class OpsError(BaseModel):
+    detail: str
+
+
+router = APIRouter(prefix="/api/ops", tags=["ops"], dependencies=[Depends(require_operator)],
+                   responses={401: {"model": OpsError, "description": "no operator token"},
+                              404: {"model": OpsError,
+                                    "description": "the operator API is off"}})
 
 
 def _sessions(request: Request) -> sessionmaker[Session]:
@@ -57,8 +65,8 @@ class RequeueRequest(BaseModel):
 
     run_id: uuid.UUID | None = None
     delegation_id: uuid.UUID | None = None
-    agent: str | None = Field(default=None, min_length=1, max_length=100)
-    operator: str = Field(min_length=1, max_length=100,
+    agent: str | None = Field(default=None, max_length=100, pattern=AGENT_NAME)
+    operator: str = Field(min_length=1, max_length=100, pattern=PLAIN_TEXT,
                           description="Who is re-queuing (recorded in the audit trail).")
 
     @model_validator(mode="after")
@@ -79,7 +87,7 @@ class RequeueResponse(BaseModel):
 def list_runs(
     request: Request,
     status: Annotated[RunStatus | None, Query()] = None,
-    agent: Annotated[str | None, Query(max_length=100)] = None,
+    agent: Annotated[str | None, Query(max_length=100, pattern=AGENT_NAME)] = None,
     delegation_id: uuid.UUID | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
 ) -> dict[str, Any]:
@@ -143,7 +151,10 @@ def list_delegations(
     ]}
 
 
-@router.post("/requeue")
+@router.post("/requeue", responses={
+    400: {"model": OpsError, "description": "the body is not JSON"},
+    404: {"model": OpsError, "description": "no such run, delegation or agent"},
+    409: {"model": OpsError, "description": "the agent's name is ambiguous"}})
 def requeue_runs(request: Request, body: RequeueRequest) -> RequeueResponse:
     """Re-queue parked runs (exactly once, whoever else re-queues at the same moment)."""
     sessions = _sessions(request)

@@ -1,0 +1,1 @@
+"""Resilience: faults survived, hostile input refused, no secret anywhere, least privilege."""
