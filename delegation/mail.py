@@ -52,6 +52,7 @@ from jinja2 import (
     select_autoescape,
 )
 
+from delegation import redaction
 from delegation.errors import BehalfError, RetryableError
 
 log = logging.getLogger(__name__)
@@ -324,11 +325,14 @@ class LogMailer:
     def deliver(self, message: EmailMessage) -> None:
         body = message.get_body(("plain",))
         text = body.get_content() if body is not None else ""
-        self._log.warning(
-            "mail not sent (BEHALF_SMTP_URL is empty), written here instead:\n"
-            "From: %s\nTo: %s\nSubject: %s\nMessage-ID: %s\n\n%s",
-            message["From"], message["To"] or "(no address known)", message["Subject"],
-            message["Message-ID"], text)
+        # The log is the mailbox here: its link must stay usable, so it is not redacted (in
+        # production the notifier already put a placeholder in place of the link).
+        with redaction.disclosed():
+            self._log.warning(
+                "mail not sent (BEHALF_SMTP_URL is empty), written here instead:\n"
+                "From: %s\nTo: %s\nSubject: %s\nMessage-ID: %s\n\n%s",
+                message["From"], message["To"] or "(no address known)", message["Subject"],
+                message["Message-ID"], text)
 
 
 def address(name: str | None, email: str) -> str:

@@ -15,6 +15,7 @@ import click
 from behalf import settings as settings_module
 from behalf.deps import Deps
 from behalf.settings import Settings, SettingsError
+from delegation import redaction
 from delegation.errors import BehalfError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -106,9 +107,15 @@ def domain_errors(func: F) -> F:
 
 
 def setup_logging(level: str) -> None:
+    """Every role (api, worker, scheduler, relay, dev, one-off commands) logs through here, so
+    token-shaped text is redacted from all of them (`delegation.redaction`)."""
+    redaction.install()
     logging.basicConfig(
         level=level,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, redaction.RedactingFilter) for f in handler.filters):
+            handler.addFilter(redaction.RedactingFilter())
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -5,7 +5,8 @@
 // Why a real, independent AS: our OAuth client must be proven against someone else's reading of
 // the RFCs (PKCE, rotation with reuse detection, RFC 7009/7662/7591/8707/9207), not our own.
 // What is ours here is only the glue: interaction pages, the resource server, and /_test/ hooks
-// (grant revocation, request statistics, fault injection) that a real SaaS would not expose.
+// (grant revocation, request statistics, fault injection, what was issued) that a real SaaS
+// would not expose.
 //
 // Environment:
 //   AS_PORT, API_PORT            listening ports (default 0: any free port)
@@ -65,6 +66,20 @@ const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 class Store {
   #models = new Map();
 
+  // Every secret this AS issued or was shown (never pruned: revoked tokens count too), for
+  // leak scans: {kind, value}. Opaque tokens and codes are stored under their own value.
+  issued = [];
+
+  #seen = new Set();
+
+  noteIssued(kind, value) {
+    if (typeof value !== 'string' || !value) return;
+    const key = `${kind}\u0000${value}`;
+    if (this.#seen.has(key)) return;
+    this.#seen.add(key);
+    this.issued.push({ kind, value });
+  }
+
   model(name) {
     if (!this.#models.has(name)) this.#models.set(name, new Map());
     return this.#models.get(name);
@@ -94,8 +109,12 @@ class StoreAdapter {
   // expiry (it reports "expired" rather than "not found", and applies its clock tolerance).
   static GRACE_MS = 60_000;
 
+  static SECRET_MODELS = new Set(['AccessToken', 'RefreshToken', 'AuthorizationCode',
+    'RegistrationAccessToken', 'ClientCredentials', 'DeviceCode', 'BackchannelAuthenticationRequest']);
+
   constructor(name, store) {
     this.name = name;
+    this.store = store;
     this.entries = store.model(name);
   }
 
@@ -110,6 +129,8 @@ class StoreAdapter {
   }
 
   async upsert(id, payload, expiresIn) {
+    if (StoreAdapter.SECRET_MODELS.has(this.name)) this.store.noteIssued(this.name, id);
+    if (this.name === 'Client') this.store.noteIssued('ClientSecret', payload.client_secret);
     const expiresAt = typeof expiresIn === 'number'
       ? Date.now() + expiresIn * 1000 + StoreAdapter.GRACE_MS
       : Infinity;
@@ -675,6 +696,8 @@ function asAdminRoutes({ provider, store, stats, faults }) {
       const session = id ? await provider.Session.find(id) : undefined;
       return { sub: session?.accountId ?? null };
     },
+    // Every token, code, client secret and assertion issued or presented so far (leak scans).
+    'GET /_test/issued': async () => ({ issued: store.issued }),
     'GET /_test/stats': async () => stats.summary(),
     'POST /_test/reset-stats': async () => { stats.reset(); return {}; },
     'GET /_test/faults': async () => ({ faults: faults.list() }),
@@ -788,6 +811,37 @@ function asFaultsAndStats({ stats, faults }) {
         ctx.respond = false;
         dropConnection(ctx.req);
         return undefined;
+    }
+  };
+}
+
+/**
+ * Notes the secrets in token and registration answers (id_token, which is never stored, and
+ * the rest, belt and braces) and those clients present (code_verifier, client_assertion,
+ * client_secret_post, the secret inside Basic credentials) in `store.issued`.
+ */
+function issuedRecorder({ store }) {
+  const answered = ['access_token', 'refresh_token', 'id_token', 'client_secret', 'registration_access_token'];
+  const presented = ['code', 'code_verifier', 'client_assertion', 'client_secret', 'refresh_token', 'token'];
+  return async (ctx, next) => {
+    await next();
+    const body = ctx.body;
+    if (body && typeof body === 'object' && !Buffer.isBuffer(body) && typeof body.pipe !== 'function') {
+      for (const field of answered) store.noteIssued(`response:${field}`, body[field]);
+    }
+    if (typeof ctx.req.body === 'string') {
+      const form = querystring.parse(ctx.req.body);
+      for (const field of presented) store.noteIssued(`request:${field}`, form[field]);
+    }
+    const auth = ctx.headers.authorization || '';
+    if (auth.toLowerCase().startsWith('basic ')) {
+      const decoded = Buffer.from(auth.slice(6).trim(), 'base64').toString('utf8');
+      const secret = decoded.slice(decoded.indexOf(':') + 1);
+      try {
+        store.noteIssued('request:basic_secret', decodeURIComponent(secret.replace(/\+/g, ' ')));
+      } catch {
+        store.noteIssued('request:basic_secret', secret);
+      }
     }
   };
 }
@@ -1019,6 +1073,7 @@ async function main() {
   const faults = new Faults();
   const provider = buildProvider({ issuer, apiBase, store });
   provider.use(asAdminRoutes({ provider, store, stats, faults }));
+  provider.use(issuedRecorder({ store }));
   provider.use(asFaultsAndStats({ stats, faults }));
   provider.use(metadata());
   provider.use(interactionRoutes(provider, apiBase));

@@ -470,6 +470,15 @@ class OidcProvider:
         """
         return self._as("GET", "/_test/stats")
 
+    def issued(self) -> list[dict[str, str]]:
+        """Every secret this AS issued or was shown since it started, revoked ones included:
+        `{"kind", "value"}` where kind is a stored model (AccessToken, RefreshToken,
+        AuthorizationCode, RegistrationAccessToken, ClientSecret, ...), `response:<field>` (a
+        token or registration answer, e.g. the id_token) or `request:<field>` (code_verifier,
+        client_assertion, a client secret a client presented)."""
+        found: list[dict[str, str]] = self._as("GET", "/_test/issued")["issued"]
+        return found
+
     def reset_stats(self) -> None:
         self._as("POST", "/_test/reset-stats", {})
 
