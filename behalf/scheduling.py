@@ -22,7 +22,7 @@ from behalf.relay import relay_pending
 from behalf.runtime import redis_client, token_source
 from delegation import checkpoints
 from delegation.budget import RateBudget
-from scheduler.recovery import recover_expired
+from scheduler.recovery import recover_expired, redispatch_stale
 from scheduler.sweep import RefreshSweep, SweepConfig
 from scheduler.tick import tick
 
@@ -123,7 +123,10 @@ class SchedulerLoop:
             cycle.relayed += relay.finish()
         recovered = recover_expired(deps.sessions, deps.clock, batch=config.batch)
         cycle.recovered, cycle.failed = recovered.requeued, recovered.failed
-        if recovered.requeued:
+        cycle.recovered += redispatch_stale(
+            deps.sessions, deps.clock, older_than=deps.settings.redispatch_after_seconds,
+            batch=config.batch)
+        if cycle.recovered:
             cycle.relayed += relay_pending(deps)
         if cycle.claimed or cycle.recovered or cycle.failed:
             log.info("scheduler: %s schedules claimed %s, %s runs relayed, %s recovered, "

@@ -144,6 +144,9 @@ class Settings:
     run_lease_seconds: int = _var(
         60, _positive_int, "a running run's lease; a lost worker's run is re-queued after it"
     )
+    redispatch_after_seconds: int = _var(
+        300, _positive_int, "a queued run due this long and never claimed gets a new wake-up"
+    )
     rate_limit_max_wait: int = _var(
         30, _positive_int, "longest wait for a rate budget before a job is retried later"
     )

@@ -36,6 +36,13 @@ from models import (
     User,
 )
 
+_REFRESH_OUTCOMES = (
+    "delegation:token:refresh_started",
+    "delegation:token:refresh_unconfirmed",
+    "delegation:token:refresh_failed",
+    "delegation:token:refreshed",
+)
+
 
 @dataclass(frozen=True)
 class DelegationState:
@@ -208,31 +215,56 @@ class DelegationStore:
             ))
         return True
 
+    def record_refresh_started(self, state: DelegationState, identity: AgentIdentity) -> int:
+        """Durably note that a refresh of this version is about to leave; returns the event id.
+
+        If the process dies with the request in flight (SIGKILL, lost node, database gone
+        before the answer was stored), the AS may have rotated the token with nobody left to
+        store it: this record is what later explains the resulting `invalid_grant`.
+        """
+        return self._refresh_event(state, identity, "delegation:token:refresh_started", None)
+
     def record_unconfirmed_refresh(self, state: DelegationState, identity: AgentIdentity,
                                    detail: str) -> None:
         """A refresh request left but no answer came back (the AS may have rotated)."""
+        self._refresh_event(state, identity, "delegation:token:refresh_unconfirmed", detail)
+
+    def record_refresh_failed(self, state: DelegationState, identity: AgentIdentity,
+                              detail: str) -> None:
+        """The AS answered the refresh with an error (5xx, 429, ...): nothing was rotated."""
+        self._refresh_event(state, identity, "delegation:token:refresh_failed", detail)
+
+    def _refresh_event(self, state: DelegationState, identity: AgentIdentity, action: str,
+                       detail: str | None) -> int:
         now = self._clock.now()
+        body: dict[str, Any] = {"version": state.version}
+        if detail is not None:
+            body["detail"] = detail[:300]
         with self._sessions.begin() as session:
             user = session.get(User, state.user_id)
-            audit.append(session, audit.AuditRecord(
-                action="delegation:token:refresh_unconfirmed", actor_type="system",
-                actor="token-source", user_id=state.user_id,
-                user_subject=user.subject if user else None, agent_name=identity.name,
-                client_id=identity.client_id, delegation_id=state.id,
-                detail={"version": state.version, "detail": detail[:300]},
+            event = audit.append(session, audit.AuditRecord(
+                action=action, actor_type="system", actor="token-source",
+                user_id=state.user_id, user_subject=user.subject if user else None,
+                agent_name=identity.name, client_id=identity.client_id,
+                delegation_id=state.id, detail=body,
             ), now)
+        return int(event.id)
 
-    def last_refresh_unconfirmed(self, state: DelegationState) -> bool:
-        """Was the latest refresh attempt of this very version left without an answer?"""
+    def last_refresh_unconfirmed(self, state: DelegationState, *,
+                                 before: int | None = None) -> bool:
+        """Did an earlier refresh of this very version (before event `before`) leave without
+        an answer being stored: unanswered, or its process gone before it could say?"""
+        query = (select(AuditEvent)
+                 .where(AuditEvent.delegation_id == state.id,
+                        AuditEvent.action.in_(_REFRESH_OUTCOMES))
+                 .order_by(AuditEvent.id.desc()).limit(1))
+        if before is not None:
+            query = query.where(AuditEvent.id < before)
         with self._sessions() as session:
-            event = session.scalars(
-                select(AuditEvent)
-                .where(AuditEvent.delegation_id == state.id,
-                       AuditEvent.action.in_(["delegation:token:refresh_unconfirmed",
-                                              "delegation:token:refreshed"]))
-                .order_by(AuditEvent.id.desc()).limit(1)
-            ).first()
-        return bool(event is not None and event.action.endswith("refresh_unconfirmed")
+            event = session.scalars(query).first()
+        return bool(event is not None
+                    and event.action in ("delegation:token:refresh_unconfirmed",
+                                         "delegation:token:refresh_started")
                     and event.detail.get("version") == state.version)
 
     def mark_agent_misconfigured(self, identity: AgentIdentity, detail: str) -> None:

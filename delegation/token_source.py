@@ -182,23 +182,27 @@ class TokenSource:
         remaining = lease.remaining_ms() / 1000
         if remaining <= self._request_timeout:
             raise ProviderUnavailable("refresh lease too short to send safely", retry_after=0.1)
+        # Said durably before the request leaves: if this process dies before the answer is
+        # stored, a following invalid_grant is explained, not silently "broken".
+        started = self._store.record_refresh_started(state, identity)
         try:
             fresh = self._oauth.refresh(identity.endpoints, identity.credentials,
                                         tokens.refresh_token, timeout=self._request_timeout)
         except ReauthRequired as exc:
-            return self._on_invalid_grant(state, identity, exc)
+            return self._on_invalid_grant(state, identity, exc, started)
         except ProviderUnavailable as exc:
             if exc.unanswered:
-                # The AS may have rotated the token and the answer got lost: say so durably,
-                # so a following invalid_grant is explained rather than silently "broken".
+                # The AS may have rotated the token and the answer got lost.
                 self._store.record_unconfirmed_refresh(state, identity, str(exc))
+            else:  # an answer (5xx, 429, ...): nothing was rotated
+                self._store.record_refresh_failed(state, identity, str(exc))
             raise
         except AgentMisconfigured as exc:
             self._store.mark_agent_misconfigured(identity, str(exc))
             self._agents.forget(identity.id)
             raise
         self.refreshes += 1
-        saved = self._store.save_refreshed(state, fresh, identity)
+        saved = self._save_rotated(state, fresh, identity, lease_left=remaining)
         if saved is None:
             # Someone changed the delegation under us (revoked, or a stalled twin): the
             # durable state wins; these fresh tokens are never used.
@@ -212,8 +216,26 @@ class TokenSource:
         self._remember(saved, fresh)
         return saved, fresh
 
-    def _on_invalid_grant(self, state: DelegationState, identity: Any,
-                          exc: ReauthRequired) -> tuple[DelegationState, TokenSet]:
+    def _save_rotated(self, state: DelegationState, fresh: TokenSet, identity: Any, *,
+                      lease_left: float) -> DelegationState | None:
+        """Store tokens the AS already rotated, retrying a failed write (database or KMS
+        blip) while our lease still keeps every other refresher away: dropping them would
+        leave only the spent refresh token, and the next refresh would break the delegation."""
+        deadline = self._clock.monotonic() + max(0.0, lease_left - self._request_timeout)
+        delay = 0.2
+        while True:
+            try:
+                return self._store.save_refreshed(state, fresh, identity)
+            except Exception:
+                if self._clock.monotonic() + delay > deadline:
+                    raise
+                log.warning("storing the rotated tokens of %s failed; retrying", state.id,
+                            exc_info=True)
+                self._sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _on_invalid_grant(self, state: DelegationState, identity: Any, exc: ReauthRequired,
+                          started: int | None = None) -> tuple[DelegationState, TokenSet]:
         latest = self._store.state(state.id)
         if latest.version != state.version:
             latest.require_active()
@@ -221,7 +243,7 @@ class TokenSource:
             self._remember(latest_state, tokens)
             return latest_state, tokens
         reason = "invalid_grant"
-        if self._store.last_refresh_unconfirmed(state):
+        if self._store.last_refresh_unconfirmed(state, before=started):
             reason = "refresh_response_lost"
         self._store.mark_broken(state, identity, reason, detail=str(exc))
         self.forget(state.id)

@@ -6,6 +6,11 @@ with an outbox entry (a worker claims it again by compare-and-set, see `worker.r
 once its attempts are used up, ends `failed` with reason `attempts_exhausted`, so a run that
 kills its worker every time cannot loop forever.
 
+Runs whose wake-up was lost: `queued` and due for a long while, yet never claimed. A broker
+message consumed by a delivery that could not reach the database, or dropped by a broker that
+lost its data, leaves such a row; the row is the truth, so it gets a fresh wake-up (an extra
+one is harmless: a run is claimed by compare-and-set).
+
 Several schedulers may recover at once: rows are taken with `FOR UPDATE SKIP LOCKED` and
 changed with a compare-and-set on (status, lease), so a run is recovered once, and a worker
 that claims or finishes it at the same moment wins or loses cleanly.
@@ -13,6 +18,7 @@ that claims or finishes it at the same moment wins or loses cleanly.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 from sqlalchemy import or_, select, update
@@ -68,3 +74,29 @@ def recover_expired(sessions: sessionmaker[Session], clock: Clock, *, batch: int
     metrics.RUNS_RECOVERED.labels("failed").inc(len(failed))
     return Recovered(len(requeued), len(failed))
 
+
+def redispatch_stale(sessions: sessionmaker[Session], clock: Clock, *, older_than: float,
+                     batch: int = 500) -> int:
+    """Send a new wake-up for queued runs due and untouched for `older_than` seconds."""
+    now = clock.now()
+    cutoff = now - dt.timedelta(seconds=older_than)
+    with sessions.begin() as session:
+        ids = session.scalars(
+            select(JobRun.id)
+            .where(JobRun.status == RunStatus.QUEUED.value, JobRun.updated_at < cutoff,
+                   or_(JobRun.not_before.is_(None), JobRun.not_before < cutoff))
+            .order_by(JobRun.updated_at)
+            .limit(batch)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if not ids:
+            return 0
+        session.execute(
+            update(JobRun)
+            .where(JobRun.id.in_(ids), JobRun.status == RunStatus.QUEUED.value)
+            .values(updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        dispatch_runs(session, ids, now)
+    metrics.RUNS_RECOVERED.labels("redispatched").inc(len(ids))
+    return len(ids)

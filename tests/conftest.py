@@ -6,16 +6,17 @@ import os
 
 import pytest
 
+import tests.support.overrides  # noqa: F401  (takes BEHALF_TEST_* out first)
 from delegation.clock import FrozenClock
 
 for _name in [n for n in os.environ if n.startswith("BEHALF_")]:
-    if not _name.startswith("BEHALF_TEST_"):
-        del os.environ[_name]
+    del os.environ[_name]
 
 pytest_plugins = [
     "tests.support.databases",
     "tests.support.kms",
     "tests.support.oidc_fixtures",
+    "tests.support.private_services",
     "tests.support.processes",
 ]
 

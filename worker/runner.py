@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import httpx
+import redis.exceptions
 from sqlalchemy import CursorResult, or_, select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from delegation import audit, outbox
@@ -31,6 +33,7 @@ from delegation.errors import (
     AgentMisconfigured,
     BehalfError,
     DelegationUnusable,
+    KmsUnavailable,
     RetryableError,
     RunCancelled,
 )
@@ -100,6 +103,18 @@ class Claimed:
     max_attempts: int
 
 
+def _retry_reason(exc: RetryableError) -> str:
+    return "kms_unavailable" if isinstance(exc, KmsUnavailable) else "provider_unavailable"
+
+
+def _transient(exc: BaseException) -> bool:
+    """A lost database or Redis connection: the run is retried, not failed."""
+    if isinstance(exc, OperationalError | redis.exceptions.ConnectionError
+                  | redis.exceptions.TimeoutError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
 def _rowcount(result: Any) -> int:
     return int(cast(CursorResult[Any], result).rowcount)
 
@@ -143,10 +158,18 @@ class Runner:
             return None
         try:
             status = self._execute(claimed)
-        except Exception:  # the runner itself failed: never leave the row running
-            log.exception("runner error on run %s", run_id)
-            status = self._finish(claimed, RunStatus.FAILED, "runner_error",
-                                  traceback.format_exc(limit=3)[-500:])
+        except RetryableError as exc:  # e.g. KMS down while opening the agent's credentials
+            status = self._retry_or_fail(claimed, _retry_reason(exc), str(exc), exc.retry_after)
+        except Exception as exc:  # the runner itself failed: never leave the row running
+            if _transient(exc):  # the database or Redis blipped: try again later
+                # (if the database is still gone this raises: the lease expires and the
+                # scheduler re-queues the run)
+                status = self._retry_or_fail(claimed, "infrastructure_unavailable",
+                                             type(exc).__name__, None)
+            else:
+                log.exception("runner error on run %s", run_id)
+                status = self._finish(claimed, RunStatus.FAILED, "runner_error",
+                                      traceback.format_exc(limit=3)[-500:])
         if self._on_finished is not None:
             self._on_finished(run_id, status)
         return status
@@ -268,8 +291,7 @@ class Runner:
                 return self._finish_cancelled(claimed, cancel.reason or "cancelled")
             return self._retry_or_fail(claimed, "api_unreachable", type(exc).__name__, None)
         except RetryableError as exc:
-            return self._retry_or_fail(claimed, "provider_unavailable", str(exc),
-                                       exc.retry_after)
+            return self._retry_or_fail(claimed, _retry_reason(exc), str(exc), exc.retry_after)
         except AgentMisconfigured as exc:
             return self._finish(claimed, RunStatus.FAILED, "agent_misconfigured", str(exc))
         except BehalfError as exc:
@@ -277,6 +299,9 @@ class Runner:
         except Exception as exc:
             if cancel.cancelled:
                 return self._finish_cancelled(claimed, cancel.reason or "cancelled")
+            if _transient(exc):  # from ctx.http's own bookkeeping (audit, lease, store)
+                return self._retry_or_fail(claimed, "infrastructure_unavailable",
+                                           type(exc).__name__, None)
             return self._finish(claimed, RunStatus.FAILED, "job_error",
                                 f"{type(exc).__name__}: {str(exc)[:300]}")
         finally:
