@@ -76,6 +76,10 @@ def create_celery(broker_url: str, *, runner: RunnerHolder | None = None,
             return  # a malformed message is dropped: nothing to claim
         runner.get().run(parsed)
 
+    # A worker runs this one task: Celery's built-ins (chords, chunks, backend cleanup) are
+    # dropped, so a crafted message naming one is refused as unregistered.
+    for name in [n for n in app.tasks if n != RUN_JOB]:
+        app.tasks.unregister(name)
     return app
 
 

@@ -122,6 +122,8 @@ def test_crafted_messages_run_nothing_and_the_worker_survives_them(
         crafted: list[tuple[str, bytes, str, str]] = [
             ("behalf.unknown_task", json_body([str(targets["queued"])]), "application/json",
              "utf-8"),
+            # a Celery built-in: a worker offers none of them
+            ("celery.backend_cleanup", json_body([]), "application/json", "utf-8"),
             (RUN_JOB, pickle.dumps(((str(targets["queued"]),), {"x": Evil(marker)}, {})),
              "application/x-python-serialize", "binary"),
             (RUN_JOB, pickle.dumps(Evil(marker)), "application/x-yaml", "binary"),
@@ -163,6 +165,7 @@ def test_crafted_messages_run_nothing_and_the_worker_survives_them(
     assert worker.poll() is None
     logs = processes.logs()
     assert "Received unregistered task of type 'behalf.unknown_task'" in logs
+    assert "Received unregistered task of type 'celery.backend_cleanup'" in logs
     assert "Refusing to deserialize untrusted content of type pickle" in logs
     assert "Refusing to deserialize untrusted content of type yaml" in logs
     print(f"\ncrafted Celery messages: {hostile}, runs started by them: 0")

@@ -32,3 +32,8 @@ def test_a_publisher_app_has_no_run_job_and_a_malformed_id_is_dropped():
     worker = create_celery("memory://", runner=RunnerHolder(lambda: runner))  # type: ignore[arg-type,return-value]
     worker.tasks[RUN_JOB]("not-a-uuid")
     assert runner.ran == []
+
+
+def test_a_worker_app_offers_no_task_but_run_job():
+    worker = create_celery("memory://", runner=RunnerHolder(RecordingRunner))  # type: ignore[arg-type]
+    assert list(worker.tasks) == [RUN_JOB]
