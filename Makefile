@@ -44,5 +44,10 @@ unit: $(STAMP)
 test: $(STAMP) $(CHECKOV) system-deps lint
 	$(BIN)/pytest -q
 
+# Every benchmark against the real PostgreSQL and Redis, one table, bench/results.json.
+# BENCH_ARGS="--quick" for smoke sizes; BENCH_ARGS="refresh kms" for some benchmarks only.
+bench: $(STAMP)
+	$(BIN)/python -m bench.suite $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

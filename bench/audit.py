@@ -1,12 +1,13 @@
 """The audit trail's costs, on a scratch PostgreSQL database created and dropped here.
 
 (a) Per-call cost: N `ctx.http.get` calls by a job run through the real `Runner` (real
-    `DelegatedBearerAuth`, token source and transport) to a fast local API, recorded three
-    ways: no-op recorder (the baseline), today's runtime recorder (`Runner._record_call`: two
-    transactions per call), and the batched `AuditWriter` wiring proposed for the runtime
-    (`write_now` for `api:call:attempted`, `write_later` for the completion), durable (the
-    default) and with `synchronous_commit=False`. Rounds are interleaved; each call is timed
-    inside the job.
+    `DelegatedBearerAuth`, token source and transport) to a fast local API, beside the same
+    calls from a bare `httpx.Client` (the baseline of `ctx.http` as a whole), recorded three
+    ways: no-op recorder (the baseline of the trail alone), today's runtime recorder
+    (`Runner._record_call`: two transactions per call), and the batched `AuditWriter` wiring
+    proposed for the runtime (`write_now` for `api:call:attempted`, `write_later` for the
+    completion), durable (the default) and with `synchronous_commit=False`. Rounds are
+    interleaved; each call is timed inside the job.
 (b) `verify` throughput: 1,000,000 events over 10,000 chains with real chained hashes
     (inserted with COPY), one checkpoint over all chains, then `audit_verify.verify` in-process
     and `behalf audit verify` as a command.
@@ -40,7 +41,8 @@ import fakeredis
 import httpx
 from sqlalchemy import text
 
-from bench.common import ROOT, drop_database, make_delegations, scratch_database
+from bench.common import ROOT, drop_database, make_delegations, scratch_database, summary
+from bench.report import Figure, number, spread
 from delegation import audit, audit_verify, checkpoints
 from delegation.clock import SystemClock
 from delegation.kms import LocalKeyFile
@@ -146,8 +148,8 @@ def per_call(url: str, calls: int, rounds: int) -> dict[str, Any]:
                       DataKeyCache(max_entries=100, max_age=3600, monotonic=time.monotonic))
         api = QuickApi()
         [(user_id, _delegation_id, agent_id)] = make_delegations(sessions, vault, api.url, 1)
-        timings: dict[str, list[float]] = {"none": [], "runtime": [], "batched": [],
-                                           "batched_async_commit": []}
+        timings: dict[str, list[float]] = {"bare_httpx": [], "none": [], "runtime": [],
+                                           "batched": [], "batched_async_commit": []}
         totals: dict[str, list[float]] = {k: [] for k in timings}
 
         current: list[list[float]] = [[]]  # where the running job puts its call timings
@@ -168,6 +170,18 @@ def per_call(url: str, calls: int, rounds: int) -> dict[str, Any]:
         kinds = {"none": NoAuditRunner, "runtime": Runner, "batched": BatchedRunner,
                  "batched_async_commit": RelaxedBatchedRunner}
         for round_ in range(rounds + 1):  # round 0 warms up
+            # the baseline of `ctx.http` itself: a bare client to the same API, one per run
+            with httpx.Client(base_url=api.url) as bare_client:
+                got_bare = []
+                started = time.perf_counter()
+                for _ in range(calls):
+                    call_started = time.perf_counter()
+                    bare_client.get("/v2/reports").raise_for_status()
+                    got_bare.append(time.perf_counter() - call_started)
+                elapsed = time.perf_counter() - started
+            if round_:
+                timings["bare_httpx"] += got_bare
+                totals["bare_httpx"].append(elapsed / calls)
             for name, kind in kinds.items():
                 runner = kind(sessions=sessions, tokens=tokens, agents=agents, jobs=jobs,
                               clock=clock, config=RunnerConfig(worker_id=f"bench-{name}"))
@@ -189,13 +203,18 @@ def per_call(url: str, calls: int, rounds: int) -> dict[str, Any]:
         api.shutdown()
     engine.dispose()
     base = statistics.median(timings["none"])
-    out: dict[str, Any] = {"calls_per_variant": calls * rounds, "audit_events": events}
+    bare = statistics.median(timings["bare_httpx"])
+    out: dict[str, Any] = {"calls_per_variant": calls * rounds, "rounds": rounds,
+                           "audit_events": events}
     for name in timings:
         med = statistics.median(timings[name])
         mean = statistics.fmean(timings[name])
         out[name] = {"median_ms": round(med * 1000, 3), "mean_ms": round(mean * 1000, 3),
+                     "p99_ms": round(summary(timings[name])["p99"] * 1000, 3),
                      "run_per_call_ms": round(statistics.median(totals[name]) * 1000, 3),
+                     "round_per_call_ms": [round(t * 1000, 3) for t in totals[name]],
                      "ratio_median": round(med / base, 2),
+                     "ratio_to_bare_httpx": round(med / bare, 2),
                      "overhead_median_ms": round((med - base) * 1000, 3)}
     return out
 
@@ -227,12 +246,13 @@ def load_events(url: str, n: int, chains: int) -> float:
                 detail = {"method": "GET", "path": "/v2/reports/{id}", "status": 200,
                           "call_id": str(call)}
                 action = "api:call:attempted" if i % 2 == 0 else "api:call"
-                values = [chain, str(seq), when, action, chain, f"user-{chain[:8]}",
+                subject = f"user-{chain[:8]}"
+                values: list[Any] = [chain, str(seq), when, action, chain, subject,
                           "reporter", "client-reporter", "agent", "reporter", chain, str(call),
                           str(call), audit.render_json(detail), prev]
                 pre = audit.preimage(
                     chain=chain, seq=seq, occurred_at=when, action=action, user_id=user,
-                    user_subject=values[5], agent_name="reporter", client_id="client-reporter",
+                    user_subject=subject, agent_name="reporter", client_id="client-reporter",
                     actor_type="agent", actor="reporter", delegation_id=user, run_id=call,
                     request_id=str(call), detail=detail, prev_hash=prev)
                 digest = sha(pre.encode()).hexdigest()
@@ -293,6 +313,51 @@ def verify_throughput(url: str, n: int, chains: int) -> dict[str, Any]:
             "best_events_per_second": round(n / best)}
 
 
+def run(calls: int = 400, rounds: int = 5, events: int = 1_000_000, chains: int = 10_000,
+        *, skip_calls: bool = False, skip_verify: bool = False) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    try:
+        if not skip_calls:
+            url = scratch_database(DATABASE)
+            results["per_call"] = per_call(url, calls, rounds)
+            drop_database(DATABASE)
+        if not skip_verify:
+            url = scratch_database(DATABASE)
+            results["verify"] = verify_throughput(url, events, chains)
+    finally:
+        drop_database(DATABASE)
+    return results
+
+
+def figures(result: dict[str, Any]) -> list[Figure]:
+    out = []
+    calls = result.get("per_call")
+    if calls:
+        runtime, bare, none = calls["runtime"], calls["bare_httpx"], calls["none"]
+        ratio = runtime["median_ms"] / bare["median_ms"]
+        out.append(Figure(
+            bench="audit", name="ctx.http per call (auth, origin check, cancellation gate, "
+                                "audit), loopback API",
+            unit="ms", median=runtime["median_ms"], p99=runtime["p99_ms"],
+            runs=calls["calls_per_variant"], spread=spread(runtime["round_per_call_ms"], "ms"),
+            baseline=f"bare httpx.Client: {number(bare['median_ms'], 'ms')}", ratio=ratio,
+            target="≤ 1.3 x bare", met=ratio <= 1.3,
+            note=(f"without the trail {number(none['median_ms'], 'ms')} = "
+                  f"{none['ratio_to_bare_httpx']:.2f} x bare; spread = per-round means")))
+    verify = result.get("verify")
+    if verify:
+        rate = verify["verify_events_per_second"]
+        out.append(Figure(
+            bench="audit", name="audit verify", unit="events/s", median=rate,
+            runs=len(verify["verify_seconds"]),
+            spread=spread([verify["events"] / s for s in verify["verify_seconds"]], "/s"),
+            target="≥ 200,000 events/s", met=rate >= 200_000,
+            note=(f"{verify['events']:,} events, {verify['chains']:,} chains; "
+                  f"`behalf audit verify` command {number(verify['command_events_per_second'])}"
+                  "/s incl. start-up")))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=400, help="calls per run")
@@ -302,19 +367,9 @@ def main() -> None:
     parser.add_argument("--skip-verify", action="store_true")
     parser.add_argument("--skip-calls", action="store_true")
     args = parser.parse_args()
-    results: dict[str, Any] = {"cpus": os.cpu_count()}
-    try:
-        if not args.skip_calls:
-            url = scratch_database(DATABASE)
-            results["per_call"] = per_call(url, args.calls, args.rounds)
-            drop_database(DATABASE)
-            print(json.dumps({"per_call": results["per_call"]}, indent=2), flush=True)
-        if not args.skip_verify:
-            url = scratch_database(DATABASE)
-            results["verify"] = verify_throughput(url, args.events, args.chains)
-            print(json.dumps({"verify": results["verify"]}, indent=2), flush=True)
-    finally:
-        drop_database(DATABASE)
+    results = run(args.calls, args.rounds, args.events, args.chains,
+                  skip_calls=args.skip_calls, skip_verify=args.skip_verify)
+    print(json.dumps({"cpus": os.cpu_count(), **results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A bare Celery app for the revocation baseline: `revoke(terminate=True)` on a spinning task."""
+"""A bare Celery app for the baselines: `revoke(terminate=True)` on a spinning task, and the
+same three API calls as `bench-three-calls` with a static token (end to end, worker memory)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_res
                 worker_hijack_root_logger=False, task_default_queue="bench.baseline")
 
 
-@app.task(name="bench.spin")
+@app.task(name="bench.spin")  # type: ignore[untyped-decorator]
 def spin(key: str, api: str) -> None:
     """Record our pid, then call the API until killed (what a revoke must stop)."""
     redis.Redis.from_url(os.environ["BENCH_REDIS_URL"]).set(key, os.getpid(), ex=600)
@@ -23,3 +24,12 @@ def spin(key: str, api: str) -> None:
         for _ in range(100_000):
             client.get(api + "/v2/reports")
             time.sleep(0.02)
+
+
+@app.task(name="bench.three_calls")  # type: ignore[untyped-decorator]
+def three_calls(api: str, token: str) -> None:
+    """What `bench-three-calls` does, with a static token: one client per run, as ctx.http."""
+    with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {token}"},
+                      timeout=30) as client:
+        for path in ("/v2/me", "/v2/reports", "/v2/calendar"):
+            client.get(path).raise_for_status()

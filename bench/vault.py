@@ -12,12 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import boto3
 from moto import mock_aws
 
+from bench.report import Figure, number
 from delegation.clock import SystemClock
 from delegation.kms import AwsKms
 from delegation.vault import DataKeyCache, Vault, delegation_context
@@ -48,10 +53,7 @@ def measure(vault: Vault, n: int) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=2000)
-    args = parser.parse_args()
+def run(n: int = 2000) -> dict[str, dict[str, float]]:
     with mock_aws():
         client = boto3.client("kms", region_name="us-east-1", aws_access_key_id="x",
                               aws_secret_access_key="x")
@@ -59,7 +61,30 @@ def main() -> None:
         cached = Vault(kms, DataKeyCache(max_entries=1000, max_age=300,
                                          monotonic=SystemClock().monotonic))
         uncached = Vault(kms)
-        rows = {"with cache": measure(cached, args.n), "without cache": measure(uncached, args.n)}
+        rows = {"with cache": measure(cached, n), "without cache": measure(uncached, n)}
+    return {**rows, "n": {"operations": n}}
+
+
+def figures(result: dict[str, dict[str, float]]) -> list[Figure]:
+    """Context for the KMS figure: what one open costs with and without the data-key cache."""
+    cached, uncached = result["with cache"], result["without cache"]
+    return [Figure(
+        bench="vault", name="vault: open one token blob (seal alike), moto KMS in-process",
+        unit="µs", median=cached["open_median_us"], p99=cached["open_p99_us"],
+        runs=int(result["n"]["operations"]),
+        baseline=f"uncached: {number(uncached['open_median_us'], 'µs')}, "
+                 f"{number(uncached['kms_calls_per_1000_ops'])} KMS calls/1k ops",
+        ratio=cached["open_median_us"] / uncached["open_median_us"],
+        note=f"cached: {number(cached['kms_calls_per_1000_ops'])} KMS calls/1k ops; "
+             f"seal {number(cached['seal_median_us'], 'µs')}")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=2000)
+    args = parser.parse_args()
+    result = run(args.n)
+    rows = {k: result[k] for k in ("with cache", "without cache")}
     print(f"vault: seal+open of a {len(TOKENS)}-byte token blob, n={args.n} each")
     print(f"{'':16}{'seal med':>10}{'seal p99':>10}{'open med':>10}{'open p99':>10}"
           f"{'KMS/1k ops':>12}")
@@ -69,7 +94,6 @@ def main() -> None:
               f"{r['kms_calls_per_1000_ops']:>12.1f}")
     ratio = rows["without cache"]["open_median_us"] / rows["with cache"]["open_median_us"]
     print(f"open without cache / with cache: {ratio:.1f}x")
-
 
 if __name__ == "__main__":
     main()
