@@ -19,6 +19,7 @@ import random
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,7 @@ class TokenSource:
         rng: random.Random | None = None,
         sleep: Callable[[float], None] = time.sleep,
         before_refresh: Callable[[uuid.UUID, uuid.UUID | None], object] | None = None,
+        cache_size: int = 1024,
     ) -> None:
         self._store = store
         self._agents = agents
@@ -97,7 +99,10 @@ class TokenSource:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
         self._sleep = sleep
         self._before_refresh = before_refresh  # a rate budget (agent, provider); may wait
-        self._cache: dict[uuid.UUID, tuple[DelegationState, TokenSet]] = {}
+        # Opened tokens by delegation, most recently used last; bounded, so a long-lived
+        # worker that meets every user of a big fleet does not keep them all in memory.
+        self._cache: OrderedDict[uuid.UUID, tuple[DelegationState, TokenSet]] = OrderedDict()
+        self._cache_size = cache_size
         self._lock = threading.Lock()
         self.refreshes = 0
 
@@ -132,13 +137,12 @@ class TokenSource:
     def _tokens_for(self, state: DelegationState) -> TokenSet:
         with self._lock:
             hit = self._cache.get(state.id)
+            if hit is not None:
+                self._cache.move_to_end(state.id)
         if hit is not None and hit[0].version == state.version:
             return hit[1]
         loaded_state, tokens = self._store.load(state.id)
-        with self._lock:
-            self._cache[state.id] = (loaded_state, tokens)
-        if loaded_state.version != state.version:
-            return tokens
+        self._remember(loaded_state, tokens)
         return tokens
 
     def _refresh(self, seen: DelegationState, *, force: bool = False
@@ -253,3 +257,6 @@ class TokenSource:
     def _remember(self, state: DelegationState, tokens: TokenSet) -> None:
         with self._lock:
             self._cache[state.id] = (state, tokens)
+            self._cache.move_to_end(state.id)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)

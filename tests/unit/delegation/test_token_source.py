@@ -202,3 +202,18 @@ def test_tokens_never_appear_in_reprs(world, fake_as):
     _, tokens = world.token_source()._store.load(d_id)
     assert token.value not in repr(token)
     assert tokens.refresh_token not in repr(tokens) and tokens.access_token not in repr(tokens)
+
+
+def test_the_token_cache_keeps_only_the_most_recently_used_delegations(world, fake_as):
+    ids = [connect(world, fake_as, subject=f"user{i}")[1] for i in range(3)]
+    source = world.token_source(cache_size=2)
+    loads = []
+    real_load = source._store.load
+    source._store.load = lambda d_id: loads.append(d_id) or real_load(d_id)
+    source.current(ids[0])
+    source.current(ids[1])
+    source.current(ids[0])  # cached; now the most recently used
+    source.current(ids[2])  # evicts ids[1], the least recently used
+    source.current(ids[0])
+    source.current(ids[1])
+    assert loads == [ids[0], ids[1], ids[2], ids[1]]

@@ -39,3 +39,13 @@ def test_an_in_flight_request_is_aborted_at_once(silent_server):
     with pytest.raises(httpx.TransportError):
         client.get(silent_server + "/again")  # nothing more leaves after an abort
     client.close()
+
+
+def test_every_run_shares_one_verifying_tls_context():
+    import ssl
+
+    first, _ = abortable_transport()
+    second, _ = abortable_transport()
+    contexts = [t._pool._ssl_context for t in (first, second)]
+    assert contexts[0] is contexts[1]  # built once per process, not per run
+    assert contexts[0].verify_mode == ssl.CERT_REQUIRED and contexts[0].check_hostname
