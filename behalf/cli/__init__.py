@@ -2,45 +2,56 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
-from behalf.cli.admin import keys, migrate
-from behalf.cli.audit import audit_group
-from behalf.cli.common import AppContext
-from behalf.cli.delegations import delegations, revoke
-from behalf.cli.dev import dev
-from behalf.cli.identity import agent, provider
-from behalf.cli.runs import run, runs
-from behalf.cli.scheduling import requeue, schedule, scheduler
-from behalf.cli.serve import api, sandbox, worker
+# name -> "module:attribute". Loaded on first use, so `behalf worker` does not import the HTTP
+# stack (FastAPI, uvicorn, templates): ~30 MiB less in every job process.
+COMMANDS: dict[str, str] = {
+    "migrate": "behalf.cli.admin:migrate",
+    "keys": "behalf.cli.admin:keys",
+    "api": "behalf.cli.serve:api",
+    "dev": "behalf.cli.dev:dev",
+    "worker": "behalf.cli.serve:worker",
+    "sandbox": "behalf.cli.serve:sandbox",
+    "run": "behalf.cli.runs:run",
+    "runs": "behalf.cli.runs:runs",
+    "delegations": "behalf.cli.delegations:delegations",
+    "revoke": "behalf.cli.delegations:revoke",
+    "schedule": "behalf.cli.scheduling:schedule",
+    "requeue": "behalf.cli.scheduling:requeue",
+    "scheduler": "behalf.cli.scheduling:scheduler",
+    "provider": "behalf.cli.identity:provider",
+    "agent": "behalf.cli.identity:agent",
+    "audit": "behalf.cli.audit:audit_group",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group whose commands are imported when they are asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, attribute = target.split(":")
+        command: click.Command = getattr(importlib.import_module(module), attribute)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """behalf: run AI agents unattended, on behalf of users."""
+    from behalf.cli.common import AppContext
+
     app = ctx.ensure_object(AppContext)
     ctx.call_on_close(app.close)
-
-
-cli.add_command(migrate)
-cli.add_command(keys)
-cli.add_command(api)
-cli.add_command(dev)
-cli.add_command(worker)
-cli.add_command(sandbox)
-cli.add_command(run)
-cli.add_command(runs)
-cli.add_command(delegations)
-cli.add_command(revoke)
-cli.add_command(schedule)
-cli.add_command(requeue)
-cli.add_command(scheduler)
-cli.add_command(provider)
-cli.add_command(agent)
-cli.add_command(audit_group)
 
 
 def main(args: list[str] | None = None) -> int:

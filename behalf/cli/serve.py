@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import click
-import uvicorn
 
 from behalf.cli.common import AppContext, pass_app
 from behalf.runtime import METRICS_DIR_VARIABLE, multiprocess_metrics_dir, run_worker
-from behalf.web import build_api
 
 
 @click.command()
@@ -16,6 +14,10 @@ from behalf.web import build_api
 @pass_app
 def api(app: AppContext, host: str, port: int) -> None:
     """Serve the HTTP app (pages, JSON API, health, metrics)."""
+    import uvicorn
+
+    from behalf.web import build_api
+
     deps = app.deps
     uvicorn.run(build_api(deps), host=host, port=port,
                 log_level=deps.settings.log_level.lower())
@@ -62,6 +64,8 @@ def sandbox(host: str, issuer: str, api_base: str, data: str) -> None:
     for production)."""
     import asyncio
     from pathlib import Path
+
+    import uvicorn
 
     from behalf.sandbox import create_sandbox
 
