@@ -249,6 +249,12 @@ class Runner:
         if not identity.api_base:
             return self._finish(claimed, RunStatus.FAILED, "agent_misconfigured",
                                 "the provider has no API base URL")
+        # The checks above run before the heartbeat and may have waited (KMS retrying): if the
+        # lease ran out meanwhile and another worker took the run, its body must not run here.
+        with self._sessions.begin() as session:
+            if not self._renew_lease(session, claimed, self._clock.now()):
+                log.info("run %s was taken over while this worker prepared it", claimed.run_id)
+                return self._current_status(claimed.run_id)
 
         cancel = CancelToken()
         delegation_id = claimed.delegation_id
@@ -329,15 +335,7 @@ class Runner:
                     status = session.scalar(
                         select(Delegation.status).where(Delegation.id == delegation_id)
                     )
-                    kept = _rowcount(session.execute(
-                        update(JobRun)
-                        .where(JobRun.id == claimed.run_id,
-                               JobRun.lease_owner == self._config.worker_id,
-                               JobRun.status == RunStatus.RUNNING.value)
-                        .values(lease_expires_at=now + dt.timedelta(
-                            seconds=self._config.lease_seconds))
-                        .execution_options(synchronize_session=False)
-                    ))
+                    kept = self._renew_lease(session, claimed, now)
             except Exception:  # a database blip must not kill the job; try again next beat
                 log.warning("heartbeat for run %s failed", claimed.run_id, exc_info=True)
                 continue
@@ -351,6 +349,16 @@ class Runner:
                     time.monotonic() - cancel.cancelled_at > self._config.grace_seconds:
                 self._stop_hard(claimed, cancel)
                 return
+
+    def _renew_lease(self, session: Session, claimed: Claimed, now: dt.datetime) -> int:
+        """Extend this worker's lease on the run; 0 when the run is no longer ours."""
+        return _rowcount(session.execute(
+            update(JobRun)
+            .where(JobRun.id == claimed.run_id, JobRun.lease_owner == self._config.worker_id,
+                   JobRun.status == RunStatus.RUNNING.value)
+            .values(lease_expires_at=now + dt.timedelta(seconds=self._config.lease_seconds))
+            .execution_options(synchronize_session=False)
+        ))
 
     def _stop_hard(self, claimed: Claimed, cancel: CancelToken) -> None:
         """The job ignored cancellation for the whole grace period: record the run as stopped,

@@ -82,6 +82,26 @@ def test_a_duplicate_delivery_runs_the_job_body_once(world, fake_as):
     assert calls == [1]
 
 
+def test_a_run_taken_over_while_the_worker_prepared_it_does_not_run_here(world, fake_as):
+    # Opening the agent's credentials waited (KMS retrying) past the lease; meanwhile the run
+    # was recovered and another worker claimed it.
+    calls = []
+    add_job(world, "nightly", lambda ctx: calls.append(1))
+    run_id, _ = connected_run(world, fake_as, "nightly")
+    runner = world.runner()
+    opened = runner._agents.get
+
+    def slow_open(agent_id):
+        with world.sessions.begin() as s:
+            s.get(JobRun, run_id).lease_owner = "another-worker"
+        return opened(agent_id)
+
+    runner._agents.get = slow_open
+    assert runner.run(run_id) == "running"  # the other worker's, untouched
+    assert calls == []
+    assert run_row(world, run_id).lease_owner == "another-worker"
+
+
 def test_a_missing_scope_parks_the_run_before_any_call(world, fake_as):
     add_job(world, "writer", lambda ctx: ctx.http.post("/v2/reports"), scopes={"reports:write"})
     run_id, _ = connected_run(world, fake_as, "writer")
