@@ -162,11 +162,11 @@ def run_worker(deps: Deps, *, concurrency: int, pool: str = "prefork",
         holder.reset()
         holder.get()
 
-    @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
-    def _child_gone(pid: int | None = None, **_: Any) -> None:
-        if metrics is not None and multiprocess_metrics_dir() is not None:
-            from prometheus_client import multiprocess
+    if metrics is not None and multiprocess_metrics_dir() is not None:
+        from prometheus_client import multiprocess
 
+        @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+        def _child_gone(pid: int | None = None, **_: Any) -> None:
             multiprocess.mark_process_dead(pid or os.getpid())  # type: ignore[no-untyped-call]
 
     if pool != "prefork":

@@ -15,8 +15,7 @@ so ordinary lines stay readable.
 `install()` makes the process's log record factory redact every record (message, arguments,
 exception text, stack) before any handler sees it. A factory, not only a formatter: Celery's
 worker and uvicorn replace the root handlers and their formatters with their own, and leave the
-factory alone. `RedactingFilter` does the same for one handler (for records made before
-`install()` or by a foreign factory).
+factory alone.
 
 `disclosed()` lets one deliberate write through: the dev mailbox (`LogMailer`), where the log
 *is* the user's inbox and the re-authorisation link must stay usable.
@@ -87,10 +86,12 @@ def _redact_arg(value: Any) -> Any:
     if isinstance(value, str):
         return redact(value)
     # An object: its str() or repr() may quote a token (a response, an exception, a dataclass).
-    for shown in (str(value), repr(value)):
-        if redact(shown) != shown:
-            return redact(str(value))
-    return value
+    shown = str(value)
+    redacted = redact(shown)
+    if redacted != shown:
+        return redacted
+    shown = repr(value)
+    return redact(str(value)) if redact(shown) != shown else value
 
 
 def redact_record(record: logging.LogRecord) -> None:
@@ -111,15 +112,6 @@ def redact_record(record: logging.LogRecord) -> None:
         record.exc_text = redact(record.exc_text)
     if record.stack_info:
         record.stack_info = redact(record.stack_info)
-
-
-class RedactingFilter(logging.Filter):
-    """Redacts each record a handler emits (records are shared: this changes them for all)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not _disclosed.get():
-            redact_record(record)
-        return True
 
 
 @contextmanager

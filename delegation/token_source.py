@@ -24,12 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from delegation.clock import Clock
 from delegation.errors import (
     AgentMisconfigured,
     DelegationUnusable,
     ProviderUnavailable,
     ReauthRequired,
+    RetryableError,
 )
 from delegation.lease import Lease
 from delegation.oauth import OAuthClient
@@ -230,7 +233,7 @@ class TokenSource:
         while True:
             try:
                 return self._store.save_refreshed(state, fresh, identity)
-            except Exception:
+            except (SQLAlchemyError, RetryableError):  # the database or KMS, not a bug of ours
                 if self._clock.monotonic() + delay > deadline:
                     raise
                 log.warning("storing the rotated tokens of %s failed; retrying", state.id,

@@ -115,7 +115,4 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, redaction.RedactingFilter) for f in handler.filters):
-            handler.addFilter(redaction.RedactingFilter())
     logging.getLogger("alembic").setLevel(logging.WARNING)

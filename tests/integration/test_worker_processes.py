@@ -58,6 +58,15 @@ def publish_pending(sessions, broker_url):
                              SystemClock(), batch=10_000)
 
 
+def queue_and_publish(world, users, job, sessions, env):
+    """One run of `job` per user, handed to the workers; their ids."""
+    with world.sessions.begin() as s:
+        runs = [queue_run(s, job=job, user_id=u, agent_id=world.agent_id,
+                          now=world.clock.now()).id for u in users]
+    publish_pending(sessions, env["BEHALF_BROKER_URL"])
+    return runs
+
+
 def wait_until(predicate, timeout, interval=0.25):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -90,10 +99,7 @@ def test_worker_processes_refresh_many_short_lived_delegations_without_a_single_
         processes.start("worker", "--concurrency", "8")
     # When every user's job calls the API for 20 s, needing a fresh token every 2.5 s
     started = time.monotonic()
-    with world.sessions.begin() as s:
-        runs = [queue_run(s, job="stress", user_id=u, agent_id=world.agent_id,
-                          now=world.clock.now()).id for u in users]
-    publish_pending(pg_sessions, worker_env["BEHALF_BROKER_URL"])
+    runs = queue_and_publish(world, users, "stress", pg_sessions, worker_env)
 
     def finished():
         with pg_sessions() as s:
@@ -217,10 +223,7 @@ def test_a_prefork_worker_serves_the_budget_waits_of_its_job_processes(
                               PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
     processes.start("worker", "--concurrency", "2", "--metrics-port", str(port))
     # When two jobs call the API as fast as the budget lets them
-    with world.sessions.begin() as s:
-        runs = [queue_run(s, job="stress", user_id=u, agent_id=world.agent_id,
-                          now=world.clock.now()).id for u in users]
-    publish_pending(pg_sessions, worker_env["BEHALF_BROKER_URL"])
+    runs = queue_and_publish(world, users, "stress", pg_sessions, worker_env)
 
     def finished():
         with pg_sessions() as s:
